@@ -1,0 +1,1 @@
+"""raco_ds: RACO multi-objective preference alignment for DeepSpeed and Megatron-core."""

@@ -1,0 +1,57 @@
+"""Run a test body on N CPU ranks (gloo), nanotron-style.
+
+A public test calls ``run_ranks(_body, world_size, *args)``; ``_body(rank,
+world_size, *args)`` runs in a fresh spawned process with the torch.distributed
+environment set and a gloo process group initialised, and whatever it returns
+comes back as one entry of the result list (rank order). An exception in any
+rank fails the test with that rank's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_entry(rank: int, world_size: int, port: int, out_dir: str, body: Callable, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = body(rank, world_size, *args)
+        Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(body: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run ``body(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank_entry, args=(world_size, free_port(), out_dir, body, args), nprocs=world_size, join=True)
+        return [pickle.loads(Path(out_dir, f"rank{r}.pkl").read_bytes()) for r in range(world_size)]
