@@ -25,6 +25,8 @@ _EXPORTS = {
     "AGGREGATORS": "raco_ds.solver",
     "register_aggregator": "raco_ds.solver",
     "get_aggregator": "raco_ds.solver",
+    "dual_gap": "raco_ds.solver",
+    "SolverError": "raco_ds.solver",
     "local_gram": "raco_ds.gram",
     "solve_across_ranks": "raco_ds.consensus",
     "StepSolution": "raco_ds.consensus",
