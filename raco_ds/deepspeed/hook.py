@@ -1,0 +1,463 @@
+"""RACO inside a DeepSpeed engine: per-objective gradient shards, one K x K all-reduce, one step.
+
+Usage (``gradient_accumulation_steps`` in the DeepSpeed config = micro-batches per objective)::
+
+    hook = RacoHook(engine, weights=[0.3, 0.7], aggregator="raco", c=0.4, on_nonfinite="skip")
+    for k in range(K):
+        with hook.objective(k):
+            for micro_batch in micro_batches[k]:
+                hook.backward(loss_fn(engine, micro_batch, k))
+    stats = hook.step()      # capture -> Gram all-reduce -> solve -> combine -> engine.step()
+
+Shared-pair data (all K losses from one forward), once per micro-batch::
+
+    hook.backward_shared(lambda: losses_fn(engine, micro_batch))   # or a list of K losses on ZeRO 0-2
+    stats = hook.step()
+
+Per optimizer step the hook:
+
+1. lets DeepSpeed reduce each objective's gradient as usual (every objective ends
+   on an accumulation boundary, which the hook sets), copies the rank's shard
+   into a row of the hook's fp32 buffer and clears the engine's buffer (shards.py,
+   one strategy per DeepSpeed optimizer family); the step's last objective stays
+   in DeepSpeed's buffer, so the hook adds (K-1) x shard x 4 bytes (rows.py);
+2. forms the local Gram in float64 (:func:`raco_ds.gram.local_gram`) and
+   all-reduces it, solves, and checks that every rank got the same coefficients
+   (:func:`raco_ds.consensus.solve_across_ranks`);
+3. writes sum_k a_k S[k] into the engine's shard (in place) and calls ``engine.step()``, so
+   DeepSpeed's clipping, LR schedule and offloaded optimizer act on the combined
+   gradient.
+
+A NaN/inf in any objective's gradient (on any rank) shows in the all-reduced
+Gram's diagonal, so every rank skips the step identically: the engine's gradients
+are dropped, ``engine.step()`` is not called (no optimizer update, no LR-schedule
+tick, as DeepSpeed does for an fp16 overflow) and the stats name the objectives.
+With ``on_nonfinite="raise"`` a :class:`NonFiniteGradientError` carrying those
+stats is raised instead (after the same clean-up).
+
+Shared forward under ZeRO-3: one forward and K backwards with ``retain_graph``
+breaks ZeRO-3's parameter re-gathering (HOOKS.md), so there
+:meth:`RacoHook.backward_shared` takes a callable and runs the forward once per
+objective (logged once). ZeRO 0-2 run one forward and K backwards.
+
+Capture seam: :attr:`RacoHook.shard_buffer` (K, shard_numel) and
+:attr:`RacoHook.shard_layout` (per-parameter slices, see shards.py) are all a
+one-pass capture needs; it fills every row, calls :meth:`RacoHook.mark_captured`,
+then ``hook.step(before_engine_step=...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from raco_ds.consensus import StepSolution, solve_across_ranks
+from raco_ds.deepspeed.layout import EngineLayout
+from raco_ds.deepspeed.rows import ShardRows
+from raco_ds.deepspeed.shards import ShardLayout, ShardStrategy, make_strategy
+
+__all__ = ["NonFiniteGradientError", "RacoHook", "RacoStepStats"]
+
+logger = logging.getLogger(__name__)
+
+Losses = Sequence[torch.Tensor] | torch.Tensor
+
+
+@dataclass
+class RacoStepStats:
+    """What one RACO optimizer step saw and did (identical on every rank, timings aside)."""
+
+    gram: torch.Tensor
+    """(K, K) float64 Gram of the full per-objective gradients (all-reduced)."""
+    coefficients: torch.Tensor | None
+    """(K,) float64 a: the update direction is sum_k a_k g_k; None when the step was skipped."""
+    dual: torch.Tensor | None
+    """(K,) the dual p on the simplex (raco / cagrad), else None."""
+    dual_clipped: torch.Tensor | None
+    """(K,) p~ = min(p, w) (raco), p (cagrad), else None."""
+    clip_active: bool
+    """True when the RACO clip changed p somewhere."""
+    grad_norms: torch.Tensor
+    """(K,) float64 norms of the per-objective gradients."""
+    cosines: torch.Tensor
+    """(K, K) float64 pairwise cosine similarities."""
+    skipped: bool
+    """True when the step was not applied (non-finite gradient)."""
+    nonfinite_objectives: list[int] = field(default_factory=list)
+    """Objectives whose gradient held a NaN or inf on some rank."""
+    seconds_capture: float = 0.0
+    """Copying shards out of, and clearing, the engine's buffers (summed over the step's objectives)."""
+    seconds_gram: float = 0.0
+    """The local float64 Gram."""
+    seconds_allreduce: float = 0.0
+    """The K x K all-reduce."""
+    seconds_solve: float = 0.0
+    """The aggregator's solve plus the cross-rank agreement check."""
+    seconds_write: float = 0.0
+    """Forming sum_k a_k S[k] and writing it into the engine."""
+
+    @property
+    def seconds_hook(self) -> float:
+        """Everything the hook adds to a plain engine step."""
+        return (
+            self.seconds_capture + self.seconds_gram + self.seconds_allreduce + self.seconds_solve + self.seconds_write
+        )
+
+    def scalars(self) -> dict[str, float]:
+        """Flat ``{tag: value}`` for TensorBoard: raco/coef/k, raco/gram/i_j, raco/cos/i_j, time/hook_* ..."""
+        out: dict[str, float] = {"raco/skipped": float(self.skipped), "raco/clip_active": float(self.clip_active)}
+        k = self.gram.shape[0]
+        for name, vector in (("coef", self.coefficients), ("dual", self.dual), ("dual_clipped", self.dual_clipped)):
+            if vector is not None:
+                out.update({f"raco/{name}/{i}": float(vector[i]) for i in range(k)})
+        out.update({f"raco/grad_norm/{i}": float(self.grad_norms[i]) for i in range(k)})
+        for i in range(k):
+            for j in range(i, k):
+                out[f"raco/gram/{i}_{j}"] = float(self.gram[i, j])
+                if j > i:
+                    out[f"raco/cos/{i}_{j}"] = float(self.cosines[i, j])
+        for i in self.nonfinite_objectives:
+            out[f"raco/nonfinite/{i}"] = 1.0
+        for part in ("capture", "gram", "allreduce", "solve", "write"):
+            out[f"time/hook_{part}"] = getattr(self, f"seconds_{part}")
+        out["time/hook_total"] = self.seconds_hook
+        return out
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Some objective's gradient holds a NaN or inf (``on_nonfinite="raise"``); ``.stats`` has the details."""
+
+    def __init__(self, stats: RacoStepStats) -> None:
+        super().__init__(
+            f"non-finite gradient in objective(s) {stats.nonfinite_objectives}; the step was not applied and the "
+            f"engine's gradients were cleared. Pass on_nonfinite='skip' to skip such steps instead."
+        )
+        self.stats = stats
+
+
+class RacoHook:
+    """RACO's per-step gradient surgery on a ``deepspeed.DeepSpeedEngine`` (any ZeRO stage)."""
+
+    def __init__(
+        self,
+        engine,
+        weights: Sequence[float] | torch.Tensor,
+        aggregator: str = "raco",
+        c: float = 0.4,
+        on_nonfinite: str = "skip",
+        verify_coefficients: bool = True,
+    ) -> None:
+        """Validate the engine (``EngineLayout``), pick its shard strategy, allocate the K shard buffers.
+
+        ``weights``: the user's preference weights w (K >= 1, non-negative, summing to 1).
+        ``aggregator``: a name from ``raco_ds.solver.AGGREGATORS`` ("raco", "cagrad", "linear", "mgda").
+        ``c``: RACO/CAGrad conflict radius in [0, 1).
+        ``on_nonfinite``: "skip" (skip the step everywhere and report) or "raise".
+        ``verify_coefficients``: check every step that all ranks computed identical coefficients.
+        """
+        self.weights = _validated_weights(weights)
+        if on_nonfinite not in ("skip", "raise"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
+        from raco_ds import solver
+
+        if aggregator not in solver.AGGREGATORS:
+            raise ValueError(f"unknown aggregator {aggregator!r}; registered: {sorted(solver.AGGREGATORS)}")
+        if not 0.0 <= float(c) < 1.0:
+            raise ValueError(f"c (the conflict radius) must be in [0, 1), got {c}")
+        self.engine = engine
+        self.aggregator = aggregator
+        self.c = float(c)
+        self.on_nonfinite = on_nonfinite
+        self.verify_coefficients = verify_coefficients
+        self.layout: EngineLayout = EngineLayout.from_engine(engine)
+        self.strategy: ShardStrategy = make_strategy(engine, self.layout)
+        self.num_objectives = int(self.weights.numel())
+        shard = self.strategy.layout
+        # The last objective of a step stays in DeepSpeed's own buffer unless that buffer is bf16.
+        self._rows = ShardRows(self.strategy, self.num_objectives, not self.layout.grads_accumulate_in_low_precision)
+        self._check_shard_size()
+        self._group = getattr(engine, "seq_data_parallel_group", None)
+        self._collective_device = _collective_device(self._group)
+        self._micro_batches = [0] * self.num_objectives
+        self._active: int | None = None
+        self._active_count = 0
+        self._seconds_capture = 0.0
+        self._logged_zero3_fallback = False
+        if _rank() == 0:
+            logger.info(
+                "RacoHook: %d objectives, aggregator %s (c=%.3g), %s; shard %d elements/rank, buffers %.1f MiB/rank",
+                self.num_objectives, aggregator, self.c, self.layout.describe(), shard.numel, self.buffer_bytes / 2**20,
+            )  # fmt: skip
+
+    # -- what the one-pass capture plugs into -----------------------------------------------------
+    @property
+    def shard_layout(self) -> ShardLayout:
+        """Where each parameter's owned slice sits in a row of :attr:`shard_buffer` (see shards.py)."""
+        return self.strategy.layout
+
+    @property
+    def shard_buffer(self) -> torch.Tensor:
+        """(K, shard_numel) fp32: row k = objective k's shard, for an external (one-pass) capture to fill.
+
+        Asking for it makes the hook keep all K rows from then on (K x shard memory
+        instead of (K-1) x shard: the per-objective path leaves the last objective
+        in DeepSpeed's buffer, see rows.py).
+        """
+        return self._rows.ensure_full()
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Bytes the hook holds for per-objective shards on this rank."""
+        buffer = self._rows.buffer
+        return buffer.numel() * buffer.element_size()
+
+    def mark_captured(self) -> None:
+        """Declare every row of :attr:`shard_buffer` filled by an external capture (one-pass), ready for step()."""
+        self._rows.mark_all_in_buffer()
+        self._micro_batches = [self.layout.gradient_accumulation_steps] * self.num_objectives
+
+    def discard_step(self) -> None:
+        """Drop everything captured so far this step and clear the engine's gradients (no update).
+
+        For a caller that abandons a step half-way (an exception inside a pass, a
+        data error); the next ``hook.objective(0)`` then starts a clean step.
+        """
+        self._active = None
+        self._rows.reset()
+        self.strategy.discard()
+        self._micro_batches = [0] * self.num_objectives
+        self._seconds_capture = 0.0
+
+    # -- per-objective passes ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def objective(self, k: int) -> Iterator[None]:
+        """Scope the backward passes of objective ``k``; its shard is captured when the block ends."""
+        if not 0 <= k < self.num_objectives:
+            raise IndexError(f"objective {k} out of range for {self.num_objectives} objectives")
+        if self._active is not None:
+            raise RuntimeError(f"hook.objective({k}) inside hook.objective({self._active}): objectives do not nest")
+        if self._micro_batches[k]:
+            raise RuntimeError(f"objective {k} already has gradients this step; call hook.step() first")
+        self._timed(self.strategy.begin_objective)
+        self._active, self._active_count = k, 0
+        try:
+            yield
+        except BaseException:
+            self._active = None
+            self._timed(self.strategy.clear)
+            raise
+        self._active = None
+        m = self.layout.gradient_accumulation_steps
+        if self._active_count != m:
+            self._timed(self.strategy.clear)
+            raise RuntimeError(
+                f"objective {k} ran {self._active_count} micro-batch(es) but gradient_accumulation_steps is {m}: "
+                f"it means micro-batches per objective, and each objective must end on an accumulation boundary"
+            )
+        if self._rows.can_stay_in_engine():
+            self._rows.stay_in_engine(k)  # the step reads and combines it where DeepSpeed left it
+        else:
+            self._timed(lambda: self._capture(k, accumulate=False))
+        self._micro_batches[k] = m
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward one micro-batch of the current objective (inside ``with hook.objective(k)``)."""
+        if self._active is None:
+            raise RuntimeError(
+                "hook.backward() outside `with hook.objective(k)`; use hook.backward_shared() for shared pairs"
+            )
+        m = self.layout.gradient_accumulation_steps
+        if self._active_count >= m:
+            raise RuntimeError(f"objective {self._active} got more than gradient_accumulation_steps={m} micro-batches")
+        self.engine.set_gradient_accumulation_boundary(self._active_count == m - 1)
+        self.engine.backward(loss)
+        self._active_count += 1
+
+    # -- shared pairs: all K losses from one forward ------------------------------------------------
+    def backward_shared(self, losses: Losses | Callable[[], Losses]) -> None:
+        """Backward one micro-batch of shared-pair data for all K objectives.
+
+        ``losses``: the K losses of one forward (ZeRO 0-2), or a callable that runs
+        the forward and returns them (required under ZeRO-3, where it is called once
+        per objective). Call it gradient_accumulation_steps times, then step().
+        Each call reduces every objective at once (each backward is an accumulation
+        boundary) and adds the shards into the hook's buffers.
+        """
+        if self._active is not None:
+            raise RuntimeError("hook.backward_shared() inside `with hook.objective(k)`")
+        m, counts = self.layout.gradient_accumulation_steps, set(self._micro_batches)
+        if len(counts) != 1 or counts.pop() >= m:
+            raise RuntimeError(
+                f"backward_shared needs every objective at the same micro-batch below gradient_accumulation_steps={m}; "
+                f"have {self._micro_batches} (mixing with hook.objective() in one step is not supported)"
+            )
+        first = self._micro_batches[0] == 0
+        if first and m > 1:
+            self._rows.ensure_full()  # later micro-batches need the engine's buffer for every objective
+        if self.layout.stage == 3:
+            if not callable(losses):
+                raise ValueError(
+                    "under ZeRO-3 backward_shared needs a callable that runs the forward and returns the K losses: "
+                    "a second backward through one forward does not re-gather ZeRO-3 parameters (HOOKS.md), so the "
+                    "hook runs one forward per objective"
+                )
+            if not self._logged_zero3_fallback and _rank() == 0:
+                logger.info("RacoHook: ZeRO-3 shared-pair path runs one forward per objective (no retain_graph)")
+            self._logged_zero3_fallback = True
+            for k in range(self.num_objectives):
+                self._shared_one(k, self._checked(losses())[k], retain_graph=False, accumulate=not first)
+        else:
+            values = self._checked(losses() if callable(losses) else losses)
+            for k in range(self.num_objectives):
+                self._shared_one(k, values[k], retain_graph=k < self.num_objectives - 1, accumulate=not first)
+        self._micro_batches = [n + 1 for n in self._micro_batches]
+
+    def _shared_one(self, k: int, loss: torch.Tensor, retain_graph: bool, accumulate: bool) -> None:
+        if self._rows.in_engine is not None:
+            raise RuntimeError("backward_shared after this step's last objective was left in the engine")
+        self._timed(self.strategy.begin_objective)
+        if hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
+            # engine.forward() resets ZeRO's per-backward hook bookkeeping; a second backward through
+            # the same forward needs that reset too.
+            self.engine.optimizer.clear_backward_seen_flag()
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.backward(loss, retain_graph=retain_graph)
+        if not accumulate and self._rows.can_stay_in_engine():
+            self._rows.stay_in_engine(k)
+        else:
+            self._timed(lambda: self._capture(k, accumulate=accumulate))
+
+    def _checked(self, losses: Losses) -> Sequence[torch.Tensor]:
+        if len(losses) != self.num_objectives:
+            raise ValueError(f"expected {self.num_objectives} losses, got {len(losses)}")
+        return losses
+
+    # -- the step ------------------------------------------------------------------------------------
+    def step(self, before_engine_step: Callable[[], object] | None = None) -> RacoStepStats:
+        """Gram -> all-reduce -> solve -> write sum_k a_k S[k] -> ``engine.step()``; returns the step's stats.
+
+        ``before_engine_step`` runs after the write-back and right before ``engine.step()``
+        (one-pass capture uses it to leave DeepSpeed as after a boundary backward).
+        """
+        m = self.layout.gradient_accumulation_steps
+        missing = [k for k, n in enumerate(self._micro_batches) if n != m]
+        if missing:
+            raise RuntimeError(
+                f"hook.step() before objective(s) {missing} finished their {m} micro-batch(es): "
+                f"per-objective counts {self._micro_batches}"
+            )
+        started = time.perf_counter()
+        gram_local = self._rows.gram(*self._gram_columns())
+        gram_done = time.perf_counter()
+        solution = solve_across_ranks(
+            gram_local, self.weights, self.aggregator, self.c, group=self._group,
+            device=self._collective_device, verify=self.verify_coefficients,
+        )  # fmt: skip
+        stats = _stats(solution, self._seconds_capture, gram_done - started)
+        self._micro_batches = [0] * self.num_objectives
+        self._seconds_capture = 0.0
+
+        if solution.skipped:
+            self._rows.reset()
+            self.strategy.discard()
+            if _rank() == 0:
+                logger.warning(
+                    "RacoHook: non-finite gradient in objective(s) %s; step skipped", solution.nonfinite_objectives
+                )
+            if self.on_nonfinite == "raise":
+                raise NonFiniteGradientError(stats)
+            return stats
+
+        write_started = time.perf_counter()
+        self._rows.combine_and_write(solution.coefficients)
+        self._rows.reset()
+        stats.seconds_write = time.perf_counter() - write_started
+        if before_engine_step is not None:
+            before_engine_step()
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        return stats
+
+    def _gram_columns(self) -> tuple[int, int]:
+        n = self.shard_layout.numel
+        if not self.shard_layout.replicated:
+            return 0, n
+        # ZeRO 0: every rank holds the full gradient; each forms the Gram of its 1/N of the columns.
+        world, rank = _world(self._group), _rank(self._group)
+        return n * rank // world, n * (rank + 1) // world
+
+    def _capture(self, k: int, accumulate: bool) -> None:
+        self.strategy.capture(self._rows.row_for(k), accumulate=accumulate)
+        self.strategy.clear()
+
+    def _timed(self, fn: Callable[[], object]) -> None:
+        started = time.perf_counter()
+        fn()
+        self._seconds_capture += time.perf_counter() - started
+
+    def _check_shard_size(self) -> None:
+        # The buffers must hold the rank's shard only (K x shard), never K full gradients (except ZeRO 0,
+        # whose shard is the full gradient). Allow each parameter's and each group's alignment padding.
+        shard, world = self.strategy.layout, self.layout.world_size
+        total = sum(
+            p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            for p in self.engine.module.parameters()
+            if p.requires_grad
+        )
+        assert self._rows.buffer.shape[1] == shard.numel and self._rows.buffer.shape[0] <= self.num_objectives
+        if self.layout.partitions_gradients:
+            bound = math.ceil(total / world) + len(shard.slices) + 64 * world
+            assert shard.numel <= bound, f"shard of {shard.numel} elements exceeds 1/{world} of {total} (+padding)"
+
+
+def _validated_weights(weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
+    if w.numel() < 1:
+        raise ValueError("weights must name at least one objective")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
+    if abs(float(w.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"weights must sum to 1 (a point on the simplex), got sum {float(w.sum())}: {w.tolist()}")
+    return w
+
+
+def _stats(solution: StepSolution, seconds_capture: float, seconds_gram: float) -> RacoStepStats:
+    aggregation = solution.aggregation
+    return RacoStepStats(
+        gram=solution.gram,
+        coefficients=None if aggregation is None else aggregation.coefficients,
+        dual=None if aggregation is None else aggregation.dual,
+        dual_clipped=None if aggregation is None else aggregation.dual_clipped,
+        clip_active=False if aggregation is None else bool(aggregation.clip_active),
+        grad_norms=solution.grad_norms,
+        cosines=solution.cosines,
+        skipped=solution.skipped,
+        nonfinite_objectives=list(solution.nonfinite_objectives),
+        seconds_capture=seconds_capture,
+        seconds_gram=seconds_gram,
+        seconds_allreduce=solution.seconds_allreduce,
+        seconds_solve=solution.seconds_solve,
+    )
+
+
+def _rank(group=None) -> int:
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world(group=None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _collective_device(group) -> str:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend(group) == "gloo":
+        return "cpu"
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
