@@ -35,7 +35,7 @@ from raco_ds.consensus import StepSolution, solve_across_ranks
 
 # The step stats and the non-finite error are shared with the DeepSpeed hook, so that
 # logging and error handling do not depend on the backend (hook.py imports no deepspeed).
-from raco_ds.deepspeed.hook import NonFiniteGradientError, RacoStepStats
+from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 from raco_ds.gram import local_gram
 from raco_ds.megatron._layout import MegatronShardLayout, UnsupportedMegatronSetupError
 
