@@ -1,0 +1,41 @@
+"""One-pass capture: all K per-objective gradients from one forward and one backward.
+
+See docs/onepass.md. Public names:
+
+- :class:`OnePassCapture` -- hooks a model, forms (K, numel) gradients per parameter;
+- :class:`RowCoefficients`, :func:`objective_row_coefficients`,
+  :func:`shared_pair_coefficients`, :func:`coefficients_from_losses` -- the
+  (K, R) row-coefficient matrix for the two data shapes;
+- :func:`register_rule` -- add a module type;
+- :class:`DeepSpeedOnePass` -- the same for a DeepSpeed engine, filling the hook's (K, shard) buffer
+  (:func:`onepass_unsupported_reason` / :func:`log_fallback_once` say when it falls back to K passes);
+- errors :class:`UnsupportedModuleError`, :class:`FusedKernelError`.
+"""
+
+from ._capture import FusedKernelError, OnePassCapture
+from ._coefficients import (
+    RowCoefficients,
+    coefficients_from_losses,
+    objective_row_coefficients,
+    shared_pair_coefficients,
+)
+from ._deepspeed import DeepSpeedOnePass, log_fallback_once, onepass_unsupported_reason
+from ._rules import UnsupportedModuleError, register_rule
+from ._zero import ShardScatter, finish_engine_backward, make_shard_scatter
+
+__all__ = [
+    "DeepSpeedOnePass",
+    "FusedKernelError",
+    "OnePassCapture",
+    "RowCoefficients",
+    "ShardScatter",
+    "UnsupportedModuleError",
+    "coefficients_from_losses",
+    "finish_engine_backward",
+    "log_fallback_once",
+    "make_shard_scatter",
+    "objective_row_coefficients",
+    "onepass_unsupported_reason",
+    "register_rule",
+    "shared_pair_coefficients",
+]

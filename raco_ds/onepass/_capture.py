@@ -1,0 +1,300 @@
+"""One forward, one backward: all K per-objective parameter gradients.
+
+:class:`OnePassCapture` hooks every module that owns trainable parameters.
+During a capture pass the parameters are switched to ``requires_grad=False``
+so autograd computes activation gradients only (no dense parameter gradient
+that would be thrown away); each hooked module's output goes through a small
+autograd Function (``_Tap``) that saves the module input with
+``save_for_backward`` -- so activation checkpointing recomputes it instead of
+a hook pinning it -- and, in the backward, hands (input, output gradient) to
+the module's rule, which adds objective k's share into a (K, numel) buffer
+per parameter. Tied parameters share one buffer and sum their uses.
+
+This module forms gradients only; Gram, solver and write-back live elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ._coefficients import RowCoefficients
+from ._rules import DeviceCoefficients, Rule, UnsupportedModuleError, rule_for
+
+__all__ = ["FusedKernelError", "OnePassCapture", "UnsupportedModuleError"]
+
+logger = logging.getLogger(__name__)
+
+
+class FusedKernelError(RuntimeError):
+    """The model's output layer was bypassed (e.g. fused linear cross-entropy), hiding its output gradient."""
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a module's output; its backward feeds (saved input, output gradient) to a site."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, site: _Site, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.site = site
+        ctx.save_for_backward(x)  # recomputed under checkpointing, freed with the graph otherwise
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        ctx.site.capture(x, grad)
+        return None, None, None, grad
+
+
+@dataclass(eq=False)
+class _Site:
+    """One hooked module: its rule and where its parameters' buffers are."""
+
+    owner: OnePassCapture
+    name: str
+    module: nn.Module
+    rule: Rule
+    params: dict[str, nn.Parameter]
+    fired: bool = False
+    handles: list = field(default_factory=list)
+
+    @property
+    def wanted(self) -> frozenset[str]:
+        """Names of the module's own trainable parameters (frozen ones get no gradient)."""
+        return frozenset(self.params)
+
+    def capture(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        dc = self.owner._device_coefficients(g.device)
+        with torch.no_grad():
+            for pname, grad in self.rule(self.module, self.name, x, g, dc, self.wanted).items():
+                self.owner._accumulate(self.params[pname], grad)
+
+
+class OnePassCapture:
+    """Per-objective gradients of a model from one forward and one backward.
+
+    Args:
+        model: the model (plain ``nn.Module``; under DeepSpeed the engine's module).
+        num_objectives: K.
+        accumulate_dtype: dtype of the (K, numel) buffers (fp32 default).
+        output_module: the module whose output carries the logits (default:
+            ``model.get_output_embeddings()`` when present); a pass in which it
+            never runs raises :class:`FusedKernelError`.
+
+    Raises :class:`UnsupportedModuleError` at construction for a module that
+    owns trainable parameters and has no rule, naming it.
+
+    Usage (one micro-batch; shared pairs)::
+
+        cap = OnePassCapture(model, K)
+        with cap.record():
+            logits = model(input_ids, attention_mask=mask).logits
+            logps, _ = response_logps(logits, input_ids, response_mask)      # (2B,)
+            margins = pair_margins(logps[:B], logps[B:], reference_logps_a=..., reference_logps_b=...)
+            jac = margin_jacobian(margins, labels, beta=beta)               # (K, B)
+            cap.backward(margins.sum(), shared_pair_coefficients(jac))
+        grads = cap.gradients()    # {name: (K, *shape)}
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_objectives: int,
+        *,
+        accumulate_dtype: torch.dtype = torch.float32,
+        output_module: nn.Module | None = None,
+    ) -> None:
+        if num_objectives < 1:
+            raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
+        self.model = model
+        self.num_objectives = num_objectives
+        self.accumulate_dtype = accumulate_dtype
+        self._active = False
+        self._coefficients: RowCoefficients | None = None
+        self._device_cache: dict[torch.device, DeviceCoefficients] = {}
+        self._buffers: dict[int, torch.Tensor] = {}
+        self._anchor = torch.zeros((), requires_grad=True)  # makes every tapped output require grad
+        # Unique trainable parameters in model order (tied ones once): the collective order for ZeRO.
+        self.parameters: list[tuple[str, nn.Parameter]] = []
+        seen: set[int] = set()
+        for pname, p in model.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                self.parameters.append((pname, p))
+        self.sites: list[_Site] = []
+        hooked: set[int] = set()
+        for mname, module in model.named_modules():
+            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            if not own or id(module) in hooked:
+                continue
+            hooked.add(id(module))
+            site = _Site(self, mname or type(module).__name__, module, rule_for(module, mname), own)
+            site.handles.append(module.register_forward_hook(self._forward_hook(site)))
+            self.sites.append(site)
+        if output_module is None:
+            getter = getattr(model, "get_output_embeddings", None)
+            output_module = getter() if callable(getter) else None
+        self.output_module = output_module
+        self._requires_grad_saved: list[bool] | None = None
+        self._rows: int | None = None
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _forward_hook(self, site: _Site):
+        def hook(module: nn.Module, args: tuple, output):
+            if not self._active:
+                return None
+            site.fired = True
+            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+                if torch.is_grad_enabled():
+                    raise RuntimeError(f"one-pass capture: module {site.name} returned {type(output).__name__}, not a tensor")
+                return None
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise RuntimeError(f"one-pass capture: module {site.name} was called without a positional tensor input")
+            x = args[0]
+            if self._rows is None and x.dim() > 0 and x.shape[0] > 1:
+                self._rows = x.shape[0]
+            broadcast_row = x.dim() > 0 and x.shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1
+            if broadcast_row and self._rows is not None and self._rows > 1:
+                # A row-broadcast input (e.g. GPT-2's learned positions, shape (1, T)): its output is
+                # summed over rows later by broadcasting, which would merge the rows' gradients.
+                # Expanding it here gives the tap each row's own output gradient (a view, no copy).
+                x = x.expand(self._rows, *x.shape[1:])
+                output = output.expand(self._rows, *output.shape[1:])
+            anchor = self._anchor if self._anchor.device == output.device else self._anchor_on(output.device)
+            return _Tap.apply(anchor, site, x, output)
+
+        return hook
+
+    def _anchor_on(self, device: torch.device) -> torch.Tensor:
+        self._anchor = torch.zeros((), device=device, requires_grad=True)
+        return self._anchor
+
+    # -- pass control ------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def record(self, rows: int | None = None) -> Iterator[OnePassCapture]:
+        """A capture pass: run the forward and :meth:`backward` inside it.
+
+        Parameters do not require grad inside (no dense gradients); their flags
+        are restored on exit. ``rows`` (R) is inferred from the first hooked
+        module whose input has more than one row when not given; a hooked module
+        whose input has a single row (a row-broadcast position table) is then
+        expanded to R rows so that each row keeps its own gradient.
+        """
+        self._rows = rows
+        if self._active:
+            raise RuntimeError("one-pass capture: record() is not re-entrant")
+        self._requires_grad_saved = [p.requires_grad for _, p in self.parameters]
+        for _, p in self.parameters:
+            p.requires_grad_(False)
+        for site in self.sites:
+            site.fired = False
+        self._active = True
+        try:
+            yield self
+        finally:
+            self._active = False
+            self._rows = None
+            self._coefficients = None
+            self._device_cache.clear()
+            for (_, p), flag in zip(self.parameters, self._requires_grad_saved):
+                p.requires_grad_(flag)
+            self._requires_grad_saved = None
+
+    def set_coefficients(self, coefficients: torch.Tensor | RowCoefficients, scale: float = 1.0) -> RowCoefficients:
+        """Set the (K, R) row coefficients the next backward uses (times ``scale``)."""
+        rc = coefficients if isinstance(coefficients, RowCoefficients) else RowCoefficients.from_matrix(coefficients)
+        if rc.num_objectives != self.num_objectives:
+            raise ValueError(f"row coefficients have {rc.num_objectives} objectives, capture was built for {self.num_objectives}")
+        self._coefficients = rc.scaled(scale) if scale != 1.0 else rc
+        self._device_cache.clear()
+        return self._coefficients
+
+    def backward(self, seed: torch.Tensor, coefficients: torch.Tensor | RowCoefficients, scale: float = 1.0) -> None:
+        """One backward of ``seed`` that adds sum_r C[k, r] * (row r's d seed/d theta) into objective k's buffers."""
+        if not self._active:
+            raise RuntimeError("one-pass capture: call backward() inside `with capture.record():`")
+        self.check_output_module()
+        self.set_coefficients(coefficients, scale)
+        if not seed.requires_grad:
+            raise RuntimeError("one-pass capture: the seed does not require grad (was the forward run inside record()?)")
+        seed.backward()
+        self._coefficients = None
+
+    def check_output_module(self) -> None:
+        """Raise :class:`FusedKernelError` if the output layer is hooked but did not run in this pass."""
+        site = next((s for s in self.sites if s.module is self.output_module), None)
+        if site is not None and not site.fired:
+            raise FusedKernelError(
+                f"one-pass capture: output layer {site.name} did not run in this forward; a fused kernel "
+                "(e.g. fused linear cross-entropy) computed the logits from its weight directly, which hides the "
+                "logits gradient. Disable the fused loss (e.g. Liger's fused_linear_cross_entropy) or use K-pass capture"
+            )
+
+    def _device_coefficients(self, device: torch.device) -> DeviceCoefficients:
+        if self._coefficients is None:
+            raise RuntimeError("one-pass capture: a backward reached a hooked module without row coefficients; use capture.backward()")
+        dc = self._device_cache.get(device)
+        if dc is None:
+            dc = self._device_cache[device] = DeviceCoefficients.build(self._coefficients, device)
+        return dc
+
+    # -- buffers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def numel(p: nn.Parameter) -> int:
+        """The full (unpartitioned) element count of ``p`` (ZeRO-3 aware)."""
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    @staticmethod
+    def shape(p: nn.Parameter) -> tuple[int, ...]:
+        """The full shape of ``p`` (ZeRO-3 aware)."""
+        return tuple(getattr(p, "ds_shape", p.shape))
+
+    def _accumulate(self, p: nn.Parameter, grad: torch.Tensor) -> None:
+        flat = grad.reshape(self.num_objectives, -1)
+        buf = self._buffers.get(id(p))
+        if buf is None:
+            self._buffers[id(p)] = flat.to(self.accumulate_dtype).clone() if flat.dtype != self.accumulate_dtype else flat.contiguous()
+        else:
+            buf.add_(flat.to(buf.dtype))
+
+    def flat_gradient(self, p: nn.Parameter, device: torch.device | None = None) -> torch.Tensor:
+        """(K, numel) gradients of ``p`` accumulated so far (zeros if it got none)."""
+        buf = self._buffers.get(id(p))
+        if buf is None:
+            dev = device if device is not None else (p.device if p.device.type != "meta" else torch.device("cpu"))
+            return torch.zeros(self.num_objectives, self.numel(p), dtype=self.accumulate_dtype, device=dev)
+        return buf
+
+    def pop_flat_gradient(self, p: nn.Parameter, device: torch.device | None = None) -> torch.Tensor:
+        """Like :meth:`flat_gradient` but releases the buffer (after it was reduce-scattered)."""
+        out = self.flat_gradient(p, device)
+        self._buffers.pop(id(p), None)
+        return out
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """{parameter name: (K, *shape)} for every trainable parameter (tied ones once)."""
+        return {n: self.flat_gradient(p).view(self.num_objectives, *self.shape(p)) for n, p in self.parameters}
+
+    def zero(self) -> None:
+        """Drop all accumulated gradients (start of an optimizer step)."""
+        self._buffers.clear()
+
+    @property
+    def unused_modules(self) -> list[str]:
+        """Hooked modules that did not run in the last pass (their gradients are zero)."""
+        return [s.name for s in self.sites if not s.fired]
+
+    def remove(self) -> None:
+        """Remove every hook (the model is back to plain)."""
+        for site in self.sites:
+            for h in site.handles:
+                h.remove()
+            site.handles.clear()
