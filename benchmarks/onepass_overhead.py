@@ -7,10 +7,17 @@ run, the forward+backward part of a step with the gradient left in the hook's
 - weighted: one forward, ``engine.backward(sum_k w_k L_k)`` (the baseline; no per-objective gradients);
 - kpass:    per objective one forward + ``engine.backward(L_k)`` + shard capture
             (shared pairs: every pass sees all rows; per-objective rows: its own rows);
-- onepass:  one forward, one backward through OnePassCapture, one reduce-scatter per bucket
-            (its reduce-scatter time is reported separately: it moves K x the parameters, like kpass).
+- onepass:  one forward, one backward through DeepSpeedOnePass streaming into the bound shard
+            buffer: each parameter's K gradients are reduced (bucketed) during the backward as
+            soon as complete, then ``scatter_into`` (order check, engine epilogue);
+- onepass_post: the previous design, for comparison: the capture keeps every parameter's
+            (K, numel) gradients and reduce-scatters them all after the backward.
 
-and prints medians as ratios to ``weighted``, and writes JSON.
+The time spent staging and reducing is reported separately for both one-pass modes
+(it moves K x the parameters, like kpass; on CPU/gloo the reductions are synchronous,
+so streaming overlaps nothing there: it changes memory, not time). Also reported:
+the peak full-size (K, numel) gradient bytes each one-pass mode held per rank.
+Prints medians as ratios to ``weighted``, and writes JSON.
 
     PYTHONPATH=.:tests python benchmarks/onepass_overhead.py --reps 7 --out benchmarks/results/onepass_overhead_cpu.json
 
@@ -55,8 +62,7 @@ def _body(rank: int, world: int, args) -> list[dict]:
     from raco_ds.deepspeed.shards import make_strategy
     from raco_ds.losses import losses_from_margins, margin_jacobian
     from raco_ds.onepass import (
-        OnePassCapture,
-        make_shard_scatter,
+        DeepSpeedOnePass,
         objective_row_coefficients,
         shared_pair_coefficients,
     )
@@ -114,25 +120,39 @@ def _body(rank: int, world: int, args) -> list[dict]:
                         strategy.capture(shard[obj])
                     strategy.clear()
 
-                cap = OnePassCapture(engine.module, k)
-                scatter = make_shard_scatter(engine, cap, layout)
-                scatter_seconds: list[float] = []  # the reduce-scatter part of onepass (K x params communicated)
+                streaming = DeepSpeedOnePass(engine, k, layout, shard_buffer=shard, bucket_numel=args.bucket_numel)
+                post = DeepSpeedOnePass(engine, k, layout, bucket_numel=args.bucket_numel)
+                post.capture.stream_to(None)  # keep everything until the backward is over (the old design)
+                reduce_seconds: dict[str, list[float]] = {"onepass": [], "onepass_post": []}
 
-                def onepass():
-                    with cap.record():
-                        logps = row_logps(engine.module, data)  # not engine(): its output hooks run DeepSpeed's epilogue
+                def one_backward(adapter) -> None:
+                    with adapter.record():
+                        logps = row_logps(adapter.forward, data)  # engine.module: see DeepSpeedOnePass
                         margins = margins_of(logps)
                         if shape == "shared":
-                            cap.backward(margins.sum(), shared_pair_coefficients(margin_jacobian(margins, labels, beta=0.2)))
+                            c = shared_pair_coefficients(margin_jacobian(margins, labels, beta=0.2))
+                            adapter.backward(margins.sum(), c)
                         else:
                             losses = losses_from_margins(margins, labels, beta=0.2)
                             owner = (labels != 0).long().argmax(0)
-                            cap.backward(losses.sum(), objective_row_coefficients(torch.cat([owner, owner]), k))
-                    started = time.perf_counter()
-                    scatter.scatter(shard)
-                    scatter_seconds.append(time.perf_counter() - started)
+                            adapter.backward(losses.sum(), objective_row_coefficients(torch.cat([owner, owner]), k))
 
-                modes = {"weighted": weighted, "kpass": kpass, "onepass": onepass}
+                def onepass():
+                    before = streaming.scatter.seconds
+                    streaming.zero()
+                    one_backward(streaming)
+                    streaming.scatter_into(shard)
+                    reduce_seconds["onepass"].append(streaming.scatter.seconds - before)
+
+                def onepass_post():
+                    before = post.scatter.seconds
+                    post.zero()
+                    one_backward(post)
+                    post.scatter.scatter(shard)
+                    post.finish_engine_backward()
+                    reduce_seconds["onepass_post"].append(post.scatter.seconds - before)
+
+                modes = {"weighted": weighted, "kpass": kpass, "onepass": onepass, "onepass_post": onepass_post}
                 times = {m: [] for m in modes}
                 for fn in modes.values():  # warm-up
                     fn()
@@ -144,11 +164,20 @@ def _body(rank: int, world: int, args) -> list[dict]:
                         modes[m]()
                         torch.distributed.barrier()
                         times[m].append(time.perf_counter() - t0)
-                cap.remove()
+                streaming.remove()
+                post.remove()
                 med = {m: statistics.median(v) for m, v in times.items()}
-                med["onepass_scatter"] = statistics.median(scatter_seconds[1:])
+                for m, v in reduce_seconds.items():
+                    med[f"{m}_reduce"] = statistics.median(v[1:])  # without the warm-up
+                full_bytes = k * 4 * sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())
                 rows_out.append({"stage": stage, "shape": shape, "k": k, "ms": {m: 1e3 * v for m, v in med.items()},
                                  "kpass_x": med["kpass"] / med["weighted"], "onepass_x": med["onepass"] / med["weighted"],
+                                 "onepass_post_x": med["onepass_post"] / med["weighted"],
+                                 "peak_mib": {"onepass": (streaming.capture.peak_buffer_bytes
+                                                          + streaming.scatter.peak_transient_bytes) / 2**20,
+                                              "onepass_post": (post.capture.peak_buffer_bytes
+                                                               + post.scatter.peak_transient_bytes) / 2**20,
+                                              "k_full_gradients": full_bytes / 2**20},
                                  "reps": args.reps})
     return rows_out
 
@@ -165,16 +194,23 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=512)
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--bucket-numel", type=int, default=1 << 16,
+                   help="full-parameter elements per objective per collective (default 64K: several buckets "
+                        "on the default model; the library default is 4M)")
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/onepass_overhead_cpu.json")
     args = p.parse_args()
     from multirank import run_ranks
 
     rows = run_ranks(_body, args.world, args)[0]
-    print(f"{'stage':>5} {'shape':>15} {'K':>2} {'weighted ms':>12} {'kpass x':>8} {'onepass x':>9} {'of which scatter ms':>20}")
+    print(f"{'stage':>5} {'shape':>15} {'K':>2} {'weighted ms':>11} {'kpass x':>7} {'onepass x':>9} "
+          f"{'(reduce ms)':>11} {'post x':>6} {'(reduce ms)':>11} {'peak MiB stream/post/K full':>28}")
     for r in rows:
-        print(f"{r['stage']:>5} {r['shape']:>15} {r['k']:>2} {r['ms']['weighted']:>12.1f} {r['kpass_x']:>8.2f} "
-              f"{r['onepass_x']:>9.2f} {r['ms']['onepass_scatter']:>20.1f}")
+        ms, mib = r["ms"], r["peak_mib"]
+        print(f"{r['stage']:>5} {r['shape']:>15} {r['k']:>2} {ms['weighted']:>11.1f} {r['kpass_x']:>7.2f} "
+              f"{r['onepass_x']:>9.2f} {ms['onepass_reduce']:>11.1f} {r['onepass_post_x']:>6.2f} "
+              f"{ms['onepass_post_reduce']:>11.1f} "
+              f"{mib['onepass']:>10.2f} / {mib['onepass_post']:>6.2f} / {mib['k_full_gradients']:>6.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": vars(args), "results": rows}, indent=2))

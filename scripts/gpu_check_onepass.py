@@ -4,6 +4,9 @@ Ready for a machine with one CUDA GPU; not run in CI. Plain PyTorch (no
 DeepSpeed), a Llama of ~0.3B parameters built from a config (no hub), bf16
 with activation checkpointing for the timing, fp32 with TF32 off for the
 exactness check. Prints a table and writes JSON to $OUT (or ./gpu_check_onepass.json).
+Timing and peak memory also cover streaming (``onepass_stream``): each parameter's
+K gradients handed over as soon as complete to a sink that keeps 1/8 of them
+(a stand-in for an 8-rank shard), vs ``onepass`` holding all K full gradients.
 
     python scripts/gpu_check_onepass.py                 # ~3-5 minutes on an H200
     python scripts/gpu_check_onepass.py --quick          # smaller model, ~1 minute
@@ -123,6 +126,28 @@ def step_kpass(model, d, labels, shape):
     return out
 
 
+class ShardSink:
+    """Streaming sink standing in for one of ``world`` ranks: keeps K rows of numel/world, drops the rest."""
+
+    def __init__(self, cap: OnePassCapture, world: int = 8) -> None:
+        self.cap, self.world = cap, world
+        total = sum(cap.numel(p) // world for _, p in cap.parameters)
+        device = next(p.device for _, p in cap.parameters)
+        self.rows = torch.zeros(cap.num_objectives, total, device=device)
+        self.col = 0
+
+    def on_final(self, param, index: int, grad) -> None:
+        """Add this parameter's first numel/world columns into the rows."""
+        n = self.cap.numel(param) // self.world
+        if grad is not None:
+            self.rows[:, self.col : self.col + n] += grad[:, :n]
+        self.col += n
+
+    def end_backward(self) -> None:
+        """Next backward starts at column 0 again."""
+        self.col = 0
+
+
 def step_onepass(cap, model, d, labels, shape):
     k = labels.shape[0]
     cap.zero()
@@ -161,9 +186,12 @@ def timing(args, k, shape):
     labels = shared if shape == "shared" else per_obj
     w = torch.full((k,), 1.0 / k, device=args.device)
     cap = OnePassCapture(model, k)
+    stream = OnePassCapture(model, k)
+    stream.stream_to(ShardSink(stream))
     fns = {"weighted": lambda: step_weighted(model, d, labels, w),
            "kpass": lambda: step_kpass(model, d, labels, shape),
-           "onepass": lambda: step_onepass(cap, model, d, labels, shape)}
+           "onepass": lambda: step_onepass(cap, model, d, labels, shape),
+           "onepass_stream": lambda: step_onepass(stream, model, d, labels, shape)}
     times = {n: [] for n in fns}
     peak = {}
     for n, fn in fns.items():  # warm-up + peak memory
@@ -176,10 +204,12 @@ def timing(args, k, shape):
             fns[n](); _sync(args)
             times[n].append(time.perf_counter() - t0)
     cap.remove()
+    stream.remove()
     med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
     _empty(args)
     return {"k": k, "shape": shape, "ms": med, "peak_gib": peak,
-            "kpass_x": med["kpass"] / med["weighted"], "onepass_x": med["onepass"] / med["weighted"]}
+            "kpass_x": med["kpass"] / med["weighted"], "onepass_x": med["onepass"] / med["weighted"],
+            "onepass_stream_x": med["onepass_stream"] / med["weighted"]}
 
 
 def main() -> None:
@@ -207,11 +237,12 @@ def main() -> None:
     times = [timing(args, k, s) for k in (2, 4) for s in ("shared", "objective_rows")]
     for c in checks:
         print(f"exact {c['dtype']:>15} K={c['k']} {c['shape']:>15}: max rel err {c['max_rel_err']:.2e} {'ok' if c['ok'] else 'FAIL'}")
-    print(f"{'K':>2} {'shape':>15} {'weighted ms':>11} {'kpass x':>8} {'onepass x':>9}  peak GiB (w/k/1)")
+    print(f"{'K':>2} {'shape':>15} {'weighted ms':>11} {'kpass x':>8} {'onepass x':>9} {'stream x':>8}  "
+          "peak GiB (weighted/kpass/onepass/stream)")
     for t in times:
         pk = t["peak_gib"]
-        print(f"{t['k']:>2} {t['shape']:>15} {t['ms']['weighted']:>11.1f} {t['kpass_x']:>8.2f} {t['onepass_x']:>9.2f}  "
-              f"{pk['weighted']:.2f}/{pk['kpass']:.2f}/{pk['onepass']:.2f}")
+        print(f"{t['k']:>2} {t['shape']:>15} {t['ms']['weighted']:>11.1f} {t['kpass_x']:>8.2f} {t['onepass_x']:>9.2f} "
+              f"{t['onepass_stream_x']:>8.2f}  {pk['weighted']:.2f}/{pk['kpass']:.2f}/{pk['onepass']:.2f}/{pk['onepass_stream']:.2f}")
     out = Path(os.environ.get("OUT", ".")) / "gpu_check_onepass.json"
     out.write_text(json.dumps({"args": vars(args), "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "exactness": checks,
                                "timing": times}, indent=2))

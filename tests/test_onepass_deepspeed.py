@@ -57,6 +57,25 @@ def _split(data: dict, labels: torch.Tensor, micro: int) -> list[tuple[dict, tor
     return out
 
 
+def _expected_shard(oracle: dict[str, torch.Tensor], layout, module, k: int) -> torch.Tensor:
+    """The oracle's full (K, *shape) gradients cut into this rank's (K, shard) layout."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    expect = torch.zeros(k, layout.numel)
+    for s in layout.slices:
+        full = oracle[names[id(s.param)]].reshape(k, -1)
+        expect[:, s.buffer_offset : s.buffer_offset + s.numel] = full[:, s.start : s.end]
+    return expect
+
+
+def global_rel(a: torch.Tensor, b_: torch.Tensor) -> float:
+    """Largest per-objective relative error of shards ``a`` vs ``b_`` over all ranks (all-reduced squared norms)."""
+    num = ((a - b_).double() ** 2).sum(1)
+    den = (b_.double() ** 2).sum(1)
+    both = torch.stack([num, den])
+    torch.distributed.all_reduce(both)
+    return (both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)).max().item()
+
+
 def _one_case(rank: int, world: int, stage: int, kind: str, shape: str, k: int, ckpt: bool, micro: int = 1,
               wrong_rows: bool = False) -> dict:
     import deepspeed
@@ -107,25 +126,8 @@ def _one_case(rank: int, world: int, stage: int, kind: str, shape: str, k: int, 
     adapter.scatter_into(onepass)
     cap = adapter.capture
 
-    # --- the oracle's slice in this rank's layout -------------------------------------------
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    expect = torch.zeros(k, layout.numel)
-    for s in layout.slices:
-        full = oracle[names[id(s.param)]].reshape(k, -1)
-        expect[:, s.buffer_offset : s.buffer_offset + s.numel] = full[:, s.start : s.end]
+    expect = _expected_shard(oracle, layout, engine.module, k)
     pad = layout.padding_mask()
-
-    def rel(a: torch.Tensor, b_: torch.Tensor) -> float:
-        return max(((a[i] - b_[i]).norm() / b_[i].norm().clamp_min(1e-12)).item() for i in range(k))
-
-    # Norms over ranks (a rank may own a tiny slice): all-reduce squared errors.
-    def global_rel(a: torch.Tensor, b_: torch.Tensor) -> float:
-        num = ((a - b_).double() ** 2).sum(1)
-        den = (b_.double() ** 2).sum(1)
-        both = torch.stack([num, den])
-        torch.distributed.all_reduce(both)
-        return (both[0].sqrt() / both[1].sqrt().clamp_min(1e-30)).max().item()
-
     result = {
         "onepass_vs_kpass": global_rel(onepass, kpass),
         "onepass_vs_oracle": global_rel(onepass, expect),
@@ -238,7 +240,8 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
     eng_k, eng_1 = engine(), engine()
     hook_k = RacoHook(eng_k, weights, aggregator="raco", c=0.4)
     hook_1 = RacoHook(eng_1, weights, aggregator="raco", c=0.4)
-    onepass = DeepSpeedOnePass(eng_1, k, hook_1.shard_layout)
+    # Bound to the hook's buffer: the backward streams straight into it, scatter_into only finalises.
+    onepass = DeepSpeedOnePass(eng_1, k, hook_1.shard_layout, shard_buffer=hook_1.shard_buffer)
     coef_diff = gram_rel = 0.0
     for step in range(steps):
         data, labels = _rank_data(rank + 7 * step, shape, k)
@@ -308,3 +311,169 @@ def test_onepass_through_raco_hook_matches_kpass_hook() -> None:
             assert r["gram_rel"] <= 1e-5 and r["coef_diff"] <= 1e-5, (case, r)
             assert r["param_rel"] <= (1e-6 if case[3] == "sgd" else 5e-6), (case, r)  # Adam amplifies rounding
         assert r["steps"] == (2, 2) and r["lr"][0] == r["lr"][1], (case, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming: memory held per rank, and the guard on the ranks' collective order.
+
+
+def _memory_case(rank: int, world: int, stage: int, k: int = 4, bucket_numel: int = 8192) -> dict:
+    """Peak (K, numel) memory of one step: streaming vs the old capture-everything-then-scatter path."""
+    import deepspeed
+    import test_onepass as t
+    import transformers as tf
+
+    from raco_ds.deepspeed.layout import EngineLayout
+    from raco_ds.deepspeed.shards import make_strategy
+    from raco_ds.onepass import DeepSpeedOnePass
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    model = tf.LlamaForCausalLM(cfg).train()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      config=_ds_config(stage))
+    layout = make_strategy(engine, EngineLayout.from_engine(engine)).layout
+    data, labels = _rank_data(rank, "shared", k)
+    numels = [int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters()]
+    full_bytes = k * 4 * sum(numels)  # K full fp32 gradients: what the old capture held per rank
+
+    # The old path: accumulate every parameter's (K, numel) buffer, reduce-scatter after the backward.
+    legacy = DeepSpeedOnePass(engine, k, layout, bucket_numel=bucket_numel)
+    legacy.capture.stream_to(None)
+    old_out = torch.zeros(k, layout.numel)
+    t.onepass_grads(engine.module, data, labels, "shared", cap=legacy.capture, scale=legacy.scale)
+    old_peak = legacy.capture.peak_buffer_bytes
+    legacy.scatter.scatter(old_out)
+    old_peak_total = old_peak + legacy.scatter.peak_transient_bytes
+    legacy.remove()
+
+    # Streaming into a bound buffer.
+    new_out = torch.zeros(k, layout.numel)
+    adapter = DeepSpeedOnePass(engine, k, layout, shard_buffer=new_out, bucket_numel=bucket_numel)
+    adapter.zero()
+    with adapter.record():
+        logps = t.row_logps(adapter.forward, data)
+        margins = t._margins(logps, labels.shape[1])
+        from raco_ds.losses import margin_jacobian
+        from raco_ds.onepass import shared_pair_coefficients
+
+        adapter.backward(margins.sum(), shared_pair_coefficients(margin_jacobian(margins, labels, beta=BETA)))
+    adapter.scatter_into(new_out)
+    new_capture, new_scatter = adapter.capture.peak_buffer_bytes, adapter.scatter.peak_transient_bytes
+    adapter.remove()
+    diff = (new_out - old_out).norm() / old_out.norm()
+    return {"stage": stage, "full_bytes": full_bytes, "largest_param_bytes": k * 4 * max(numels),
+            "bucket_bytes": k * 4 * bucket_numel, "shard_bytes": k * 4 * layout.numel,
+            "old_peak": old_peak_total, "new_peak_capture": new_capture, "new_peak_scatter": new_scatter,
+            "new_peak": new_capture + new_scatter, "streaming_vs_old": diff.item(),
+            "collectives": adapter.scatter.collectives}
+
+
+def _order_guard_case(rank: int, world: int) -> str:
+    """Rank 1 hands two same-sized parameters over in the opposite order: check_order must raise on every rank."""
+    import deepspeed
+    from test_onepass import tiny_model
+
+    from raco_ds.onepass import CollectiveOrderError, DeepSpeedOnePass
+
+    model = tiny_model("llama")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      config=_ds_config(3))
+    adapter = DeepSpeedOnePass(engine, 2)
+    names = [n for n, _ in adapter.capture.parameters]
+    pick = [names.index("model.layers.0.self_attn.q_proj.weight"), names.index("model.layers.0.self_attn.o_proj.weight")]
+    if rank == 1:
+        pick.reverse()
+    scatter = adapter.scatter
+    scatter.bind(torch.zeros(2, adapter.layout.numel))
+    for i in pick:
+        scatter.on_final(adapter.capture.parameters[i][1], i, None)
+    scatter.end_backward()
+    try:
+        scatter.check_order()
+    except CollectiveOrderError as error:
+        return str(error)
+    return "no error"
+
+
+class _OddLM(torch.nn.Module):
+    """A toy LM with odd-sized parameters (ZeRO-3 padding, ZeRO-2 parameters straddling partitions)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(61, 15)
+        self.up = torch.nn.Linear(15, 64)  # 960 weights: no padding on 2 ranks
+        self.norm = torch.nn.LayerNorm(64)
+        self.down = torch.nn.Linear(64, 7)  # 448 + 7
+        self.head = torch.nn.Linear(7, 61, bias=False)  # 427: odd
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        from types import SimpleNamespace
+
+        h = torch.tanh(self.up(self.embed(input_ids)))
+        return SimpleNamespace(logits=self.head(torch.tanh(self.down(self.norm(h)))))
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+
+def _bucket_paths_case(rank: int, world: int, stage: int, bucket_numel: int, k: int = 3) -> dict:
+    """Streaming vs the oracle with buckets small enough for every path (bucketed, alone with and without padding)."""
+    import deepspeed
+    import test_onepass as t
+
+    from raco_ds.onepass import DeepSpeedOnePass
+
+    oracle = None
+    for r in range(world):
+        g = t.reference_grads(_OddLM(), *_rank_data(r, "shared", k), "shared")
+        oracle = g if oracle is None else {n: oracle[n] + g[n] for n in g}
+    oracle = {n: v / world for n, v in oracle.items()}
+    model = _OddLM()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                      config=_ds_config(stage))
+    adapter = DeepSpeedOnePass(engine, k, bucket_numel=bucket_numel)
+    out = torch.zeros(k, adapter.layout.numel)
+    data, labels = _rank_data(rank, "shared", k)
+    t.onepass_grads(engine.module, data, labels, "shared", cap=adapter.capture, scale=adapter.scale)
+    adapter.scatter_into(out)
+    adapter.remove()
+    return {"stage": stage, "bucket": bucket_numel, "collectives": adapter.scatter.collectives,
+            "rel": global_rel(out, _expected_shard(oracle, adapter.layout, engine.module, k)),
+            "padding_zero": bool((out[:, adapter.layout.padding_mask()] == 0).all())}
+
+
+def _streaming_body(rank: int, world: int) -> dict:
+    import gc
+
+    out: dict = {"guard": _order_guard_case(rank, world), "memory": [], "paths": []}
+    for stage in (3, 2):
+        # Collect the previous engines at the same point on both ranks (nothing left to finalise mid-case).
+        gc.collect()
+        torch.distributed.barrier()
+        out["memory"].append(_memory_case(rank, world, stage))
+        for bucket in (1, 100, 500, 1 << 22):
+            out["paths"].append(_bucket_paths_case(rank, world, stage, bucket))
+    return out
+
+
+@pytest.mark.slow
+def test_streaming_memory_and_order_guard() -> None:
+    """Streaming holds about K x (bucket + largest parameter), not K full gradients; a reordered rank is caught."""
+    results = run_ranks(_streaming_body, WORLD)
+    for rank, r in enumerate(results):
+        assert "different orders" in r["guard"], (rank, r["guard"])
+        for c in r["paths"]:
+            print(f"rank {rank}: {c}")
+            assert c["rel"] <= 1e-5 and c["padding_zero"], c
+        for m in r["memory"]:
+            print(f"rank {rank}: {m}")
+            assert m["streaming_vs_old"] <= 1e-6, m
+            assert m["old_peak"] >= m["full_bytes"], m  # the old path held K full gradients
+            # Transient: the tied-free model's largest parameter (embedding or lm_head), one bucket and
+            # its staging copy; the K full gradients are more than 4x that here.
+            assert m["new_peak"] <= 2 * (m["largest_param_bytes"] + m["bucket_bytes"]), m
+            assert m["new_peak"] * 4 < m["full_bytes"], m

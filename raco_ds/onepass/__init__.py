@@ -9,10 +9,12 @@ See docs/onepass.md. Public names:
 - :func:`register_rule` -- add a module type;
 - :class:`DeepSpeedOnePass` -- the same for a DeepSpeed engine, filling the hook's (K, shard) buffer
   (:func:`onepass_unsupported_reason` / :func:`log_fallback_once` say when it falls back to K passes);
-- errors :class:`UnsupportedModuleError`, :class:`FusedKernelError`.
+- :class:`GradientSink` / :class:`ShardScatter` -- streaming: each parameter's K gradients reduced into the
+  rank's shard during the backward, as soon as complete;
+- errors :class:`UnsupportedModuleError`, :class:`FusedKernelError`, :class:`CollectiveOrderError`.
 """
 
-from ._capture import FusedKernelError, OnePassCapture
+from ._capture import FusedKernelError, GradientSink, OnePassCapture
 from ._coefficients import (
     RowCoefficients,
     coefficients_from_losses,
@@ -21,11 +23,18 @@ from ._coefficients import (
 )
 from ._deepspeed import DeepSpeedOnePass, log_fallback_once, onepass_unsupported_reason
 from ._rules import UnsupportedModuleError, register_rule
-from ._zero import ShardScatter, finish_engine_backward, make_shard_scatter
+from ._zero import (
+    CollectiveOrderError,
+    ShardScatter,
+    finish_engine_backward,
+    make_shard_scatter,
+)
 
 __all__ = [
+    "CollectiveOrderError",
     "DeepSpeedOnePass",
     "FusedKernelError",
+    "GradientSink",
     "OnePassCapture",
     "RowCoefficients",
     "ShardScatter",

@@ -10,6 +10,14 @@ a hook pinning it -- and, in the backward, hands (input, output gradient) to
 the module's rule, which adds objective k's share into a (K, numel) buffer
 per parameter. Tied parameters share one buffer and sum their uses.
 
+Streaming (:meth:`OnePassCapture.stream_to`): the forward counts how many
+hooked calls use each parameter (a tied weight: two); in the backward a
+parameter whose count is reached is complete, and its (K, numel) buffer goes to
+the sink at once (under DeepSpeed: reduce-scattered into the rank's shard and
+freed), so no rank holds more than the parameters still in flight. Parameters
+not completed by the end of the backward (unused this pass) follow in
+registration order, so every rank hands the sink the same sequence.
+
 This module forms gradients only; Gram, solver and write-back live elsewhere.
 """
 
@@ -19,6 +27,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -26,13 +35,26 @@ from torch import nn
 from ._coefficients import RowCoefficients
 from ._rules import DeviceCoefficients, Rule, UnsupportedModuleError, rule_for
 
-__all__ = ["FusedKernelError", "OnePassCapture", "UnsupportedModuleError"]
+__all__ = ["FusedKernelError", "GradientSink", "OnePassCapture", "UnsupportedModuleError"]
 
 logger = logging.getLogger(__name__)
 
 
 class FusedKernelError(RuntimeError):
     """The model's output layer was bypassed (e.g. fused linear cross-entropy), hiding its output gradient."""
+
+
+class GradientSink(Protocol):
+    """Receives each parameter's K gradients of one backward as soon as they are complete."""
+
+    def on_final(self, param: nn.Parameter, index: int, grad: torch.Tensor | None) -> None:
+        """``param`` (registration ``index``) is complete for this backward: ``grad`` (K, numel), or None = zeros.
+
+        The sink owns ``grad`` from here on (the capture keeps no reference).
+        """
+
+    def end_backward(self) -> None:
+        """Every parameter was handed over for this backward (flush what is still buffered)."""
 
 
 class _Tap(torch.autograd.Function):
@@ -71,8 +93,11 @@ class _Site:
     def capture(self, x: torch.Tensor, g: torch.Tensor) -> None:
         dc = self.owner._device_coefficients(g.device)
         with torch.no_grad():
-            for pname, grad in self.rule(self.module, self.name, x, g, dc, self.wanted).items():
-                self.owner._accumulate(self.params[pname], grad)
+            grads = self.rule(self.module, self.name, x, g, dc, self.wanted)
+            # Every own parameter counts this call as one contribution, even one the rule left out
+            # (a zero contribution), so that streaming's per-parameter count is reached.
+            for pname, p in self.params.items():
+                self.owner._contribute(p, grads.pop(pname, None))
 
 
 class OnePassCapture:
@@ -142,6 +167,17 @@ class OnePassCapture:
         self.output_module = output_module
         self._requires_grad_saved: list[bool] | None = None
         self._rows: int | None = None
+        self._names = {id(p): n for n, p in self.parameters}
+        self._index = {id(p): i for i, (_, p) in enumerate(self.parameters)}
+        # Streaming state: the sink, and per record() / per backward the contribution counts.
+        self._sink: GradientSink | None = None
+        self._in_backward = False
+        self._expected: dict[int, int] = {}
+        self._received: dict[int, int] = {}
+        self._final: set[int] = set()
+        # Bytes of (K, numel) buffers held now / at most since construction (memory tests, benchmarks).
+        self.live_buffer_bytes = 0
+        self.peak_buffer_bytes = 0
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -150,6 +186,13 @@ class OnePassCapture:
             if not self._active:
                 return None
             site.fired = True
+            if not self._in_backward:
+                # A use in the forward is one contribution in the backward. Calls under no_grad count
+                # too: reentrant checkpointing runs the forward without grad and taps in the backward's
+                # recomputation; non-reentrant recomputation happens during the backward (not counted),
+                # its taps are never run, and the forward's own taps contribute.
+                for p in site.params.values():
+                    self._expected[id(p)] = self._expected.get(id(p), 0) + 1
             if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 if torch.is_grad_enabled():
                     raise RuntimeError(f"one-pass capture: module {site.name} returned {type(output).__name__}, not a tensor")
@@ -195,6 +238,7 @@ class OnePassCapture:
             p.requires_grad_(False)
         for site in self.sites:
             site.fired = False
+        self._expected = {}
         self._active = True
         try:
             yield self
@@ -224,8 +268,31 @@ class OnePassCapture:
         self.set_coefficients(coefficients, scale)
         if not seed.requires_grad:
             raise RuntimeError("one-pass capture: the seed does not require grad (was the forward run inside record()?)")
-        seed.backward()
-        self._coefficients = None
+        self._received, self._final = {}, set()
+        self._in_backward = True
+        try:
+            seed.backward()
+        finally:
+            self._in_backward = False
+            self._coefficients = None
+        if self._sink is not None:
+            # Not completed in the backward: unused this pass (or used only under no_grad outside a
+            # checkpoint). Registration order, so every rank hands the sink the same sequence.
+            for index, (_, p) in enumerate(self.parameters):
+                if id(p) not in self._final:
+                    self._sink.on_final(p, index, self.take(p))
+            self._final = set()
+            self._sink.end_backward()
+
+    def stream_to(self, sink: GradientSink | None) -> None:
+        """Hand each parameter's K gradients to ``sink`` as soon as they are complete in each backward.
+
+        With a sink the capture keeps nothing between backwards (:meth:`gradients`
+        reads zeros); ``None`` returns to accumulating full buffers until :meth:`zero`.
+        """
+        if self._active:
+            raise RuntimeError("one-pass capture: stream_to() cannot change inside record()")
+        self._sink = sink
 
     def check_output_module(self) -> None:
         """Raise :class:`FusedKernelError` if the output layer is hooked but did not run in this pass."""
@@ -257,11 +324,33 @@ class OnePassCapture:
         """The full shape of ``p`` (ZeRO-3 aware)."""
         return tuple(getattr(p, "ds_shape", p.shape))
 
+    def _contribute(self, p: nn.Parameter, grad: torch.Tensor | None) -> None:
+        """One hooked call's share of ``p`` (None: nothing); under streaming, hand ``p`` over once complete."""
+        pid = id(p)
+        if self._sink is None:
+            if grad is not None:
+                self._accumulate(p, grad)
+            return
+        if pid in self._final:
+            raise RuntimeError(
+                f"one-pass capture: parameter {self._names.get(pid)} got a gradient contribution after it was "
+                f"complete (the forward counted {self._expected.get(pid, 0)} uses) and already reduce-scattered; "
+                "a module was called in the backward's recomputation that the forward did not call"
+            )
+        if grad is not None:
+            self._accumulate(p, grad)
+        received = self._received[pid] = self._received.get(pid, 0) + 1
+        if received == self._expected.get(pid, 0):
+            self._final.add(pid)
+            self._sink.on_final(p, self._index[pid], self.take(p))
+
     def _accumulate(self, p: nn.Parameter, grad: torch.Tensor) -> None:
         flat = grad.reshape(self.num_objectives, -1)
         buf = self._buffers.get(id(p))
         if buf is None:
-            self._buffers[id(p)] = flat.to(self.accumulate_dtype).clone() if flat.dtype != self.accumulate_dtype else flat.contiguous()
+            buf = self._buffers[id(p)] = flat.to(self.accumulate_dtype) if flat.dtype != self.accumulate_dtype else flat.contiguous()
+            self.live_buffer_bytes += buf.numel() * buf.element_size()
+            self.peak_buffer_bytes = max(self.peak_buffer_bytes, self.live_buffer_bytes)
         else:
             buf.add_(flat.to(buf.dtype))
 
@@ -276,8 +365,15 @@ class OnePassCapture:
     def pop_flat_gradient(self, p: nn.Parameter, device: torch.device | None = None) -> torch.Tensor:
         """Like :meth:`flat_gradient` but releases the buffer (after it was reduce-scattered)."""
         out = self.flat_gradient(p, device)
-        self._buffers.pop(id(p), None)
+        self.take(p)
         return out
+
+    def take(self, p: nn.Parameter) -> torch.Tensor | None:
+        """Remove and return ``p``'s (K, numel) buffer (None if it has none); the caller owns it from here on."""
+        buf = self._buffers.pop(id(p), None)
+        if buf is not None:
+            self.live_buffer_bytes -= buf.numel() * buf.element_size()
+        return buf
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """{parameter name: (K, *shape)} for every trainable parameter (tied ones once)."""
@@ -286,6 +382,7 @@ class OnePassCapture:
     def zero(self) -> None:
         """Drop all accumulated gradients (start of an optimizer step)."""
         self._buffers.clear()
+        self.live_buffer_bytes = 0
 
     @property
     def unused_modules(self) -> list[str]:

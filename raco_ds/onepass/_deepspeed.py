@@ -2,7 +2,8 @@
 
 ``DeepSpeedOnePass`` ties together the model-side capture (:class:`OnePassCapture`,
 one forward + one backward per micro-batch) and the communication
-(:class:`ShardScatter`, one reduce-scatter per bucket of K-stacked gradients)
+(:class:`ShardScatter`, which reduces each parameter's K-stacked gradients into the rank's shard
+during the backward, as soon as they are complete)
 and fills a (K, shard_numel) buffer laid out like the hook's shard buffer.
 It forms gradients only: the Gram, the solve and the write-back stay in the hook.
 
@@ -21,7 +22,12 @@ import torch
 
 from ._capture import OnePassCapture
 from ._coefficients import RowCoefficients
-from ._zero import ShardScatter, finish_engine_backward, make_shard_scatter
+from ._zero import (
+    _BUCKET_NUMEL,
+    ShardScatter,
+    finish_engine_backward,
+    make_shard_scatter,
+)
 
 __all__ = ["DeepSpeedOnePass", "onepass_unsupported_reason"]
 
@@ -48,17 +54,32 @@ class DeepSpeedOnePass:
         num_objectives: K.
         shard_layout: the hook's ``ShardLayout`` (``raco_ds.deepspeed.shards``); built from the
             engine when omitted.
+        shard_buffer: the (K, shard_numel) buffer the backward streams into (``hook.shard_buffer``).
+            Optional: without it the adapter keeps its own K shard rows and ``scatter_into`` copies
+            them out (one extra K x shard transient); binding the hook's buffer avoids that.
+        bucket_numel: full-parameter elements per objective per collective (memory vs. number of
+            collectives: a rank holds about K x (this + the largest parameter) of full-size gradients).
 
     Per optimizer step::
 
+        onepass = DeepSpeedOnePass(engine, K, hook.shard_layout, shard_buffer=hook.shard_buffer)  # once
         onepass.zero()
         for micro_batch in micro_batches:                       # gradient_accumulation_steps of them
             with onepass.record():
                 out = onepass.forward(input_ids=..., attention_mask=...)   # engine.module, see below
                 ...compute the seed and the (K, R) row coefficients...
-                onepass.backward(seed, coefficients)            # scaled by 1/gradient_accumulation_steps
-        onepass.scatter_into(hook.shard_buffer)                 # (K, shard_numel), averaged over ranks
+                onepass.backward(seed, coefficients)            # streams each parameter's K gradients
+                                                                # into the shard buffer as it completes
+        onepass.scatter_into(hook.shard_buffer)                 # finaliser: order check, engine epilogue
         hook.mark_captured(); hook.step()                       # Gram -> solve -> write -> engine.step()
+
+    During the backward each parameter's (K, numel) gradients are reduced
+    (averaged over ranks) into the rank's (K, shard) rows as soon as every use
+    of the parameter has contributed, then freed (``raco_ds.onepass._zero``);
+    unused parameters are reduced as zeros at the end of the backward, in
+    registration order. ``scatter_into`` checks (one tiny all-reduce) that every
+    rank issued the same sequence of reductions and raises
+    :class:`~raco_ds.onepass._zero.CollectiveOrderError` otherwise.
 
     The forward goes through ``engine.module``, not ``engine``: DeepSpeed's
     forward hangs hooks on the outputs that start its own backward epilogue,
@@ -66,7 +87,8 @@ class DeepSpeedOnePass:
     autograd to produce. ZeRO-3 parameter gathering is per module and is unaffected.
     """
 
-    def __init__(self, engine, num_objectives: int, shard_layout=None) -> None:
+    def __init__(self, engine, num_objectives: int, shard_layout=None, *, shard_buffer: torch.Tensor | None = None,
+                 bucket_numel: int = _BUCKET_NUMEL) -> None:
         reason = onepass_unsupported_reason(engine)
         if reason is not None:
             raise ValueError(f"one-pass capture cannot run on this engine: {reason}")
@@ -78,8 +100,12 @@ class DeepSpeedOnePass:
         self.engine = engine
         self.layout = shard_layout
         self.capture = OnePassCapture(engine.module, num_objectives)
-        self.scatter: ShardScatter = make_shard_scatter(engine, self.capture, shard_layout)
+        self.scatter: ShardScatter = make_shard_scatter(engine, self.capture, shard_layout, bucket_numel=bucket_numel)
+        self.scatter.target_factory = self._new_target
+        self.capture.stream_to(self.scatter)
         self.scale = 1.0 / float(engine.gradient_accumulation_steps())
+        self.shard_buffer = shard_buffer
+        """The bound (K, shard_numel) target, or None (the adapter's own rows are used)."""
 
     @property
     def num_objectives(self) -> int:
@@ -96,17 +122,44 @@ class DeepSpeedOnePass:
         """The model's forward (``engine.module``), to be called inside :meth:`record`."""
         return self.engine.module(*args, **kwargs)
 
+    def _new_target(self) -> tuple[torch.Tensor, bool]:
+        # The step's first backward binds (and zeroes) the target; later micro-batches add into it.
+        if self.shard_buffer is not None:
+            return self.shard_buffer, False
+        return torch.zeros(self.num_objectives, self.layout.numel, dtype=torch.float32, device=self.layout.device), True
+
     def backward(self, seed: torch.Tensor, coefficients: torch.Tensor | RowCoefficients) -> None:
-        """Backward of ``seed`` with (K, R) row coefficients, scaled like ``engine.backward`` (1/accumulation steps)."""
+        """Backward of ``seed`` with (K, R) row coefficients, scaled like ``engine.backward`` (1/accumulation steps).
+
+        Each parameter's K gradients are reduced into the step's shard rows during this backward.
+        """
         self.capture.backward(seed, coefficients, self.scale)
 
     def scatter_into(self, out: torch.Tensor, *, accumulate: bool = False) -> None:
-        """Reduce-scatter the accumulated K gradients into ``out`` (K, shard_numel); frees the full-size buffers.
+        """Finish the step's capture: ``out`` (K, shard_numel) holds each objective's averaged shard afterwards.
 
-        Also leaves DeepSpeed as after a boundary backward (:meth:`finish_engine_backward`), so the
-        hook's usual write-back and ``engine.step()`` follow unchanged.
+        The reductions already happened during the backwards. This checks that every
+        rank issued them in the same order (one tiny all-reduce), copies the shards
+        into ``out`` unless the backward streamed into ``out`` itself (the bound
+        ``shard_buffer``: nothing to copy), and leaves DeepSpeed as after a boundary
+        backward (:meth:`finish_engine_backward`), so the hook's usual write-back and
+        ``engine.step()`` follow unchanged. ``accumulate`` adds into ``out`` instead
+        (not possible for the bound buffer, which the step's first backward zeroed).
         """
-        self.scatter.scatter(out, accumulate=accumulate)
+        target = self.scatter.target
+        self.scatter.check_order()
+        if target is None:  # no backward since the last step: nothing was captured
+            if not accumulate:
+                out.zero_()
+        elif _same_tensor(target, out):
+            if accumulate:
+                raise ValueError("scatter_into(accumulate=True) into the bound shard_buffer: it was zeroed by the "
+                                 "step's first backward; bind another buffer or pass accumulate=False")
+        elif accumulate:
+            out.add_(target)
+        else:
+            out.copy_(target)
+        self.scatter.unbind()
         self.finish_engine_backward()
 
     def finish_engine_backward(self) -> None:
@@ -114,13 +167,21 @@ class DeepSpeedOnePass:
         the hook writes into, so this may run before or after the write-back)."""
         finish_engine_backward(self.engine)
 
-    def zero(self) -> None:
-        """Drop accumulated gradients (start of an optimizer step)."""
+    def zero(self, shard_buffer: torch.Tensor | None = None) -> None:
+        """Start an optimizer step: drop what was captured so far; bind ``shard_buffer`` from now on if given."""
+        if shard_buffer is not None:
+            self.shard_buffer = shard_buffer
         self.capture.zero()
+        self.scatter.unbind()
+        self.scatter.check_order_reset()
 
     def remove(self) -> None:
         """Remove the capture hooks from the model."""
         self.capture.remove()
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.device == b.device
 
 
 def log_fallback_once(engine) -> str | None:

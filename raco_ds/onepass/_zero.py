@@ -1,29 +1,44 @@
-"""One-pass gradients into DeepSpeed's shard layout: one reduce-scatter per bucket of K-stacked gradients.
+"""One-pass gradients into DeepSpeed's shard layout, streamed during the backward.
 
 A parameter's K gradients need only its input and output gradient, so under
-ZeRO-3 nothing is gathered to form them. Each rank holds its local (K, numel)
-gradients for its own rows; one reduce-scatter of the K-stacked, world-padded
-tensors gives every rank its (K, n) slice, already in the layout the RACO
-hook's shard buffer uses (``raco_ds.deepspeed.shards.ShardLayout``). Every rank
-issues the same collectives in the same order (the capture's parameter order,
-unused parameters included as zeros), so ranks whose batches touch different
-parameters cannot deadlock.
+ZeRO-3 nothing is gathered to form them. :class:`OnePassCapture` hands each
+parameter's (K, numel) gradients to a :class:`ShardScatter` as soon as they are
+complete in the backward (:meth:`OnePassCapture.stream_to`); the scatter
+reduces them, in buckets, straight into the rank's (K, shard_numel) buffer
+(adding across micro-batches) and frees them. So a rank holds at most about
+K x (one bucket + the largest parameter) of full-size gradients at a time, plus
+the K shard rows, never K full gradients.
 
-Layouts (DeepSpeed 0.19, HOOKS.md):
+Layouts (DeepSpeed 0.19, HOOKS.md), and the collective each uses:
 
 - ZeRO-3: each parameter padded to ``world * partition_numel``; rank r owns
   ``[r * pn, (r + 1) * pn)``; the shard is the owned partitions back to back.
-- ZeRO-1/2: each parameter group is one flat tensor (parameters in
-  ``bit16_groups[i]`` order, padded at the end) split into ``world`` equal
-  partitions of ``partition_size[i]``.
-- ZeRO-0 (replicated shard): an all-reduce of the full (K, numel) gradients.
+  A bucket is a (world, K, width) staging tensor, one ``reduce_scatter_tensor``;
+  a parameter larger than a bucket goes alone (without a staging copy when it
+  needs no padding: one reduce-scatter per objective straight from its gradient).
+- ZeRO-1/2: each parameter group is one flat tensor (``round_robin_bit16_groups``
+  order, padded at the end) split into ``world`` partitions of
+  ``partition_size[i]``; a parameter may straddle partitions. Per bucket, each
+  owning rank receives its pieces by one ``reduce`` (as DeepSpeed's own ZeRO-2
+  does), so every element crosses the network once.
 
-Gradients are averaged over the data-parallel ranks, as DeepSpeed does.
+Ordering: every rank must issue these collectives in the same order. The
+backward's order is deterministic for the same model and graph, and unused
+parameters follow in registration order; :meth:`ShardScatter.check_order`
+(once per optimizer step) all-reduces a hash of the issued sequence and raises
+:class:`CollectiveOrderError` if the ranks differ.
+
+Gradients are averaged over the data-parallel ranks, as DeepSpeed does, and
+reduced in fp32.
 """
 
 from __future__ import annotations
 
+import abc
 import logging
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,109 +46,319 @@ import torch.distributed as dist
 
 from ._capture import OnePassCapture
 
-__all__ = ["ShardScatter", "finish_engine_backward", "make_shard_scatter"]
+__all__ = ["CollectiveOrderError", "ShardScatter", "finish_engine_backward", "make_shard_scatter"]
 
 logger = logging.getLogger(__name__)
 
-# Elements (per objective) reduced in one collective; bounds the staging tensor to K x world x this.
-_BUCKET_NUMEL = 1 << 24
+# Full-parameter elements (per objective) per collective. Bounds the transient full-size gradients a
+# rank holds at K x this (plus the largest parameter): 4M elements = 16 MiB per objective in fp32.
+_BUCKET_NUMEL = 1 << 22
+_HASH_MOD = (1 << 61) - 1  # a Mersenne prime: the order hash stays a positive int64
 
 
-def _reduce_scatter(output: torch.Tensor, stacked: torch.Tensor, group) -> None:
-    """``output`` (K, n) = this rank's block of sum over ranks of ``stacked`` (world, K, n)."""
-    # 1-D views: backends check output.numel() * world == input.numel() along dim 0 (gloo aborts otherwise).
-    dist.reduce_scatter_tensor(output.view(-1), stacked.reshape(-1), group=group)
+class CollectiveOrderError(RuntimeError):
+    """Ranks issued one-pass capture's reductions in different orders: this step's shards are invalid."""
 
 
-@dataclass
-class _Piece:
-    """One parameter's place in a bucket: its staging columns and where its owned slice goes in the shard."""
+@dataclass(frozen=True)
+class _Param:
+    """One parameter's place in the rank's shard (ZeRO-3) or in its group's flat tensor (ZeRO-1/2)."""
 
-    param: torch.nn.Parameter
-    flat_offset: int  # ZeRO-1/2: element offset of the parameter in its group's flat tensor
-    shard_offset: int  # column in the (K, shard) buffer of the bucket's first owned element for this piece
-    width: int  # owned columns per rank
+    index: int  # registration index in the capture (the order of the end-of-backward flush)
+    numel: int
+    partition_numel: int = 0  # ZeRO-3: pn
+    shard_offset: int = 0  # ZeRO-3: column of the parameter's owned partition in the shard
+    group: int = 0  # ZeRO-1/2: optimizer parameter group
+    flat_offset: int = 0  # ZeRO-1/2: element offset in the group's flat tensor
 
 
-class ShardScatter:
-    """Reduce-scatter a :class:`OnePassCapture`'s (K, numel) gradients into a (K, shard_numel) buffer.
+class ShardScatter(abc.ABC):
+    """Reduce each complete parameter's (K, numel) gradients into a bound (K, shard_numel) buffer.
 
-    Build with :func:`make_shard_scatter`. ``scatter(out)`` adds (or copies)
-    objective k's averaged shard into ``out[k]`` and releases the capture's
-    full-size buffers as it goes.
+    The :class:`~raco_ds.onepass._capture.GradientSink` of a streaming
+    :class:`OnePassCapture`. Build with :func:`make_shard_scatter`; :meth:`bind`
+    the target before the step's first backward; :meth:`check_order` once per
+    step after the last one. :meth:`scatter` is the non-streaming form (the
+    capture accumulated full buffers; everything is reduced at once).
+
+    ``peak_transient_bytes`` is the largest amount of full-size gradient memory
+    (pending gradients + staging) the scatter held at once since construction.
     """
 
-    def __init__(self, capture: OnePassCapture, shard_numel: int, buckets: list[tuple[str, list[_Piece], int]],
-                 *, world_size: int, rank: int, group=None, device: torch.device | None = None,
-                 replicated: bool = False) -> None:
+    def __init__(self, capture: OnePassCapture, shard_numel: int, params: dict[int, _Param], *, group,
+                 world_size: int, rank: int, device: torch.device, bucket_numel: int = _BUCKET_NUMEL) -> None:
         self.capture = capture
         self.shard_numel = shard_numel
-        self.buckets = buckets
+        self.params = params
+        self.group = group
         self.world_size = world_size
         self.rank = rank
-        self.group = group
         self.device = device
-        self.replicated = replicated
+        self.bucket_numel = max(1, int(bucket_numel))
+        self.target: torch.Tensor | None = None
+        self.target_factory: Callable[[], tuple[torch.Tensor, bool]] | None = None
+        """Called for (buffer, accumulate) when a backward starts with nothing bound (the step's first)."""
+        self.collectives = 0
+        self.seconds = 0.0
+        """Wall time spent staging and reducing (during the backwards, and in :meth:`scatter`), cumulative."""
+        self.peak_transient_bytes = 0
+        self._hash = 0
+        self._live_bytes = 0
 
-    def scatter(self, out: torch.Tensor, *, accumulate: bool = False) -> None:
-        """Write (or add) each objective's averaged shard into ``out`` (K, shard_numel)."""
-        k = self.capture.num_objectives
+    @property
+    def num_objectives(self) -> int:
+        """K."""
+        return self.capture.num_objectives
+
+    # -- target and order ----------------------------------------------------------------------------
+    def bind(self, out: torch.Tensor, *, accumulate: bool = False) -> None:
+        """Reduce into ``out`` (K, shard_numel) from now on; zero it first unless ``accumulate``."""
+        k = self.num_objectives
         if tuple(out.shape) != (k, self.shard_numel):
             raise ValueError(f"shard buffer must be ({k}, {self.shard_numel}), got {tuple(out.shape)}")
         if not accumulate:
             out.zero_()
-        for kind, pieces, width in self.buckets:
-            if kind == "replicated":
-                self._scatter_replicated(out, pieces)
-            elif kind == "zero3":
-                self._scatter_zero3(out, pieces, width)
+        self.target = out
+
+    def unbind(self) -> None:
+        """Forget the target (the step's shards are complete)."""
+        self.target = None
+
+    def _record(self, *keys: int) -> None:
+        # Fold one collective (its parameter indices, destination, size) into the step's order hash.
+        h = self._hash
+        for key in (len(keys), *keys):
+            h = (h * 1_000_003 + key + 1) % _HASH_MOD
+        self._hash = h
+        self.collectives += 1
+
+    def check_order(self) -> None:
+        """All-reduce the hash of this step's collective sequence; raise :class:`CollectiveOrderError` on a mismatch.
+
+        One tiny collective per optimizer step. Every rank must call it (they all do, in ``scatter_into``).
+        """
+        mine = self._hash
+        self._hash = 0
+        if self.world_size <= 1:
+            return
+        both = torch.tensor([mine, -mine], dtype=torch.int64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        high, low = int(both[0]), -int(both[1])
+        if high != mine or low != mine:
+            raise CollectiveOrderError(
+                f"one-pass capture: the ranks reduced their gradients in different orders this step (rank "
+                f"{self.rank}: order hash {mine}, range over ranks [{low}, {high}]); the shards are invalid. "
+                "The backward must visit the same modules in the same order on every rank (no data-dependent "
+                "control flow, same model code); otherwise use K-pass capture"
+            )
+
+    def check_order_reset(self) -> None:
+        """Forget the hash of the collectives issued so far (a step dropped by ``zero()``; no communication)."""
+        self._hash = 0
+
+    def _held(self, delta: int) -> None:
+        self._live_bytes += delta
+        self.peak_transient_bytes = max(self.peak_transient_bytes, self._live_bytes)
+
+    # -- the sink ------------------------------------------------------------------------------------
+    def on_final(self, param: torch.nn.Parameter, index: int, grad: torch.Tensor | None) -> None:
+        """Take ``param``'s complete (K, numel) gradients of this backward (None = zeros); reduce when a bucket fills."""
+        if self.target is None:
+            if self.target_factory is None:
+                raise RuntimeError("one-pass capture: no shard buffer bound (ShardScatter.bind() before the backward)")
+            out, accumulate = self.target_factory()
+            self.bind(out, accumulate=accumulate)
+        info = self.params.get(id(param))
+        if info is None:  # a trainable parameter the optimizer does not own (e.g. frozen by it): nothing to do
+            return
+        if grad is not None:
+            grad = grad.reshape(self.num_objectives, -1)
+            if grad.shape[1] != info.numel:
+                raise AssertionError(f"one-pass capture: parameter {index} has {grad.shape[1]} gradient elements, expected {info.numel}")
+        started = time.perf_counter()
+        self._add(info, grad)
+        self.seconds += time.perf_counter() - started
+
+    @abc.abstractmethod
+    def _add(self, info: _Param, grad: torch.Tensor | None) -> None:
+        """Stage one parameter's gradients (None = zeros) and reduce whatever bucket became full."""
+
+    def end_backward(self) -> None:
+        """Reduce what is still staged (the end of a backward) and release the staging memory."""
+        started = time.perf_counter()
+        self._end()
+        self.seconds += time.perf_counter() - started
+
+    @abc.abstractmethod
+    def _end(self) -> None:
+        """Reduce the last partial bucket; free staging."""
+
+    def scatter(self, out: torch.Tensor, *, accumulate: bool = False) -> None:
+        """Non-streaming use: reduce the capture's accumulated (K, numel) buffers into ``out`` now.
+
+        Same collectives as streaming (registration order), then :meth:`check_order`.
+        """
+        self.bind(out, accumulate=accumulate)
+        for index, (_, p) in enumerate(self.capture.parameters):
+            grad = self.capture.take(p)
+            self.on_final(p, index, grad)
+            del grad
+        self.end_backward()
+        self.check_order()
+        self.unbind()
+
+
+class _Zero3Scatter(ShardScatter):
+    """ZeRO-3: a bucket is a (world, K, width) staging tensor and one reduce-scatter."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        total = sum(p.partition_numel for p in self.params.values())
+        # Staging columns per bucket (each column is one element of every rank's partition).
+        self.width = max(1, min(math.ceil(self.bucket_numel / self.world_size), total))
+        self._staging: torch.Tensor | None = None
+        self._members: list[tuple[_Param, int]] = []
+        self._cols = 0
+
+    def _new_staging(self, width: int) -> torch.Tensor:
+        staging = torch.empty(self.world_size, self.num_objectives, width, dtype=torch.float32, device=self.device)
+        self._held(staging.numel() * 4)
+        return staging
+
+    def _drop(self, staging: torch.Tensor) -> None:
+        self._held(-staging.numel() * 4)
+
+    def _place(self, block: torch.Tensor, info: _Param, grad: torch.Tensor | None) -> None:
+        # block (world, K, pn): rank r's slot gets elements [r*pn, (r+1)*pn) of the zero-padded gradient.
+        if grad is None:
+            block.zero_()
+            return
+        pn, k = info.partition_numel, self.num_objectives
+        whole, rest = divmod(info.numel, pn)
+        if whole:
+            block[:whole].copy_(grad[:, : whole * pn].reshape(k, whole, pn).transpose(0, 1))
+        if rest:
+            block[whole, :, :rest].copy_(grad[:, whole * pn :])
+            block[whole, :, rest:].zero_()
+            whole += 1
+        if whole < self.world_size:
+            block[whole:].zero_()
+
+    def _add(self, info: _Param, grad: torch.Tensor | None) -> None:
+        pn = info.partition_numel
+        if self._cols and self._cols + pn > self.width:
+            self._flush()
+        if pn > self.width:  # larger than a bucket: alone
+            if grad is not None and info.numel == self.world_size * pn and grad.is_contiguous():
+                self._reduce_direct(info, grad)
             else:
-                self._scatter_zero12(out, pieces, width)
+                staging = self._new_staging(pn)
+                self._place(staging, info, grad)
+                del grad
+                self._reduce(staging, [(info, 0)], pn)
+                self._drop(staging)
+            return
+        if self._staging is None:
+            self._staging = self._new_staging(self.width)
+        self._place(self._staging[:, :, self._cols : self._cols + pn], info, grad)
+        self._members.append((info, self._cols))
+        self._cols += pn
+        if self._cols == self.width:
+            self._flush()
 
-    def _full(self, p: torch.nn.Parameter, device: torch.device) -> torch.Tensor:
-        return self.capture.pop_flat_gradient(p, device).to(device=device, dtype=torch.float32)
+    def _reduce_direct(self, info: _Param, grad: torch.Tensor) -> None:
+        # No padding: row k of the (K, world*pn) gradient is already the reduce-scatter input (no copy).
+        self._held(grad.numel() * grad.element_size())
+        mine = torch.empty(self.num_objectives, info.partition_numel, dtype=grad.dtype, device=grad.device)
+        for k in range(self.num_objectives):
+            dist.reduce_scatter_tensor(mine[k], grad[k], group=self.group)
+        self._record(info.index, -1)
+        self._held(-grad.numel() * grad.element_size())
+        self._deliver(mine, [(info, 0)])
 
-    def _scatter_zero3(self, out: torch.Tensor, pieces: list[_Piece], width: int) -> None:
-        k, world = self.capture.num_objectives, self.world_size
-        device = self.device or out.device
-        staging = torch.zeros(world, k, width, dtype=torch.float32, device=device)
-        column = 0
-        for piece in pieces:
-            pn = piece.width
-            full = self._full(piece.param, device)
-            padded = torch.zeros(k, world * pn, dtype=torch.float32, device=device)
-            padded[:, : full.shape[1]] = full
-            staging[:, :, column : column + pn] = padded.view(k, world, pn).transpose(0, 1)
-            column += pn
-        mine = torch.empty(k, width, dtype=torch.float32, device=device)
-        _reduce_scatter(mine, staging, self.group)
-        mine.div_(world)
-        column = 0
-        for piece in pieces:
-            out[:, piece.shard_offset : piece.shard_offset + piece.width].add_(mine[:, column : column + piece.width].to(out))
-            column += piece.width
+    def _reduce(self, staging: torch.Tensor, members: list[tuple[_Param, int]], width: int) -> None:
+        send = staging if staging.shape[2] == width else staging[:, :, :width].contiguous()
+        mine = torch.empty(self.num_objectives, width, dtype=torch.float32, device=self.device)
+        # 1-D views: backends check output.numel() * world == input.numel() (gloo aborts otherwise).
+        dist.reduce_scatter_tensor(mine.view(-1), send.view(-1), group=self.group)
+        self._record(*(info.index for info, _ in members))
+        self._deliver(mine, members)
 
-    def _scatter_zero12(self, out: torch.Tensor, pieces: list[_Piece], partition_size: int) -> None:
-        k, world = self.capture.num_objectives, self.world_size
-        device = self.device or out.device
-        flat = torch.zeros(k, world * partition_size, dtype=torch.float32, device=device)
-        for piece in pieces:
-            full = self._full(piece.param, device)
-            flat[:, piece.flat_offset : piece.flat_offset + full.shape[1]] = full
-        mine = torch.empty(k, partition_size, dtype=torch.float32, device=device)
-        _reduce_scatter(mine, flat.view(k, world, partition_size).transpose(0, 1).contiguous(), self.group)
-        mine.div_(world)
-        base = pieces[0].shard_offset if pieces else 0
-        out[:, base : base + partition_size].add_(mine.to(out))
+    def _deliver(self, mine: torch.Tensor, members: list[tuple[_Param, int]]) -> None:
+        mine = mine.to(device=self.target.device, dtype=self.target.dtype)
+        for info, col in members:
+            pn = info.partition_numel
+            self.target[:, info.shard_offset : info.shard_offset + pn].add_(mine[:, col : col + pn], alpha=1.0 / self.world_size)
 
-    def _scatter_replicated(self, out: torch.Tensor, pieces: list[_Piece]) -> None:
-        device = self.device or out.device
-        for piece in pieces:
-            full = self._full(piece.param, device)
-            if self.world_size > 1:
-                dist.all_reduce(full, group=self.group)
-                full.div_(self.world_size)
-            out[:, piece.shard_offset : piece.shard_offset + full.shape[1]].add_(full.to(out))
+    def _flush(self) -> None:
+        if self._members:
+            self._reduce(self._staging, self._members, self._cols)
+        self._members, self._cols = [], 0
+
+    def _end(self) -> None:
+        self._flush()
+        if self._staging is not None:
+            self._drop(self._staging)
+            self._staging = None
+
+
+class _FlatScatter(ShardScatter):
+    """ZeRO-1/2: per bucket, each rank that owns part of it receives its pieces by one ``reduce``."""
+
+    def __init__(self, *args, partition_sizes: list[int], group_bases: list[int], groups: list, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.partition_sizes = partition_sizes
+        self.group_bases = group_bases  # column of group i's partition in the shard (the same on every rank)
+        self.groups = groups
+        self._pending: list[tuple[_Param, torch.Tensor | None]] = []
+        self._pending_numel = 0
+
+    def _add(self, info: _Param, grad: torch.Tensor | None) -> None:
+        if self._pending and (self._pending[0][0].group != info.group or self._pending_numel + info.numel > self.bucket_numel):
+            self._flush()
+        self._pending.append((info, grad))
+        self._pending_numel += info.numel
+        if grad is not None:
+            self._held(grad.numel() * grad.element_size())
+        if self._pending_numel >= self.bucket_numel:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        i = self._pending[0][0].group
+        size, group, k = self.partition_sizes[i], self.groups[i], self.num_objectives
+        for dst in range(self.world_size):  # the same destinations in the same order on every rank
+            lo, hi = dst * size, (dst + 1) * size
+            pieces = []
+            for info, grad in self._pending:
+                a, b = max(lo, info.flat_offset), min(hi, info.flat_offset + info.numel)
+                if a < b:
+                    pieces.append((info, grad, a, b))
+            if not pieces:
+                continue
+            send = torch.zeros(k, sum(b - a for _, _, a, b in pieces), dtype=torch.float32, device=self.device)
+            self._held(send.numel() * 4)
+            col = 0
+            for info, grad, a, b in pieces:
+                if grad is not None:
+                    send[:, col : col + b - a].copy_(grad[:, a - info.flat_offset : b - info.flat_offset])
+                col += b - a
+            dist.reduce(send, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group)
+            self._record(dst, *(info.index for info, _, _, _ in pieces))
+            if dst == self.rank:
+                send = send.to(device=self.target.device, dtype=self.target.dtype)
+                base, col = self.group_bases[i], 0
+                for _, _, a, b in pieces:
+                    self.target[:, base + a - lo : base + b - lo].add_(send[:, col : col + b - a], alpha=1.0 / self.world_size)
+                    col += b - a
+            self._held(-send.numel() * 4)
+            del send
+        self._held(-sum(g.numel() * g.element_size() for _, g in self._pending if g is not None))
+        self._pending, self._pending_numel = [], 0
+
+    def _end(self) -> None:
+        self._flush()
 
 
 def make_shard_scatter(engine, capture: OnePassCapture, shard_layout, *, bucket_numel: int = _BUCKET_NUMEL) -> ShardScatter:
@@ -142,59 +367,49 @@ def make_shard_scatter(engine, capture: OnePassCapture, shard_layout, *, bucket_
     ``shard_layout`` is the hook's ``raco_ds.deepspeed.shards.ShardLayout`` (the
     capture seam). The ZeRO stage is read from the optimizer type; every
     trainable parameter of the layout must be one the capture tracks.
+    ``bucket_numel`` bounds the full-parameter elements (per objective) per collective.
     """
     opt = engine.optimizer
-    tracked = {id(p) for _, p in capture.parameters}
-    missing = [s.name for s in shard_layout.slices if id(s.param) not in tracked]
+    index = {id(p): i for i, (_, p) in enumerate(capture.parameters)}
+    missing = [s.name for s in shard_layout.slices if id(s.param) not in index]
     if missing:
         raise ValueError(f"one-pass capture does not track parameters the optimizer owns: {missing[:5]}")
+    device = torch.device(getattr(engine, "device", shard_layout.device))
     name = type(opt).__name__
     if shard_layout.replicated:
-        group = getattr(engine, "data_parallel_group", None)
-        world = dist.get_world_size(group) if dist.is_initialized() else 1
-        pieces = [_Piece(s.param, 0, s.buffer_offset, s.numel) for s in shard_layout.slices]
-        return ShardScatter(capture, shard_layout.numel, [("replicated", pieces, 0)], world_size=world,
-                            rank=dist.get_rank(group) if world > 1 else 0, group=group, replicated=True)
+        raise ValueError("one-pass capture has no shard scatter for a replicated (ZeRO-0) gradient; use K-pass capture")
+    by_param = {id(s.param): s for s in shard_layout.slices}
     if name == "DeepSpeedZeroOptimizer_Stage3":
         group = opt.dp_process_group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        by_param = {id(s.param): s for s in shard_layout.slices}
-        buckets: list[tuple[str, list[_Piece], int]] = []
-        current: list[_Piece] = []
-        width = 0
+        params = {}
         for sub_group in opt.fp16_groups:
             for p in sub_group:
-                s = by_param[id(p)]
-                pn = int(p.partition_numel())
-                if current and (width + pn) > bucket_numel:
-                    buckets.append(("zero3", current, width))
-                    current, width = [], 0
-                current.append(_Piece(p, 0, s.buffer_offset, pn))
-                width += pn
-        if current:
-            buckets.append(("zero3", current, width))
-        return ShardScatter(capture, shard_layout.numel, buckets, world_size=world, rank=rank, group=group)
+                params[id(p)] = _Param(index[id(p)], int(p.ds_numel), partition_numel=int(p.partition_numel()),
+                                       shard_offset=by_param[id(p)].buffer_offset)
+        return _Zero3Scatter(capture, shard_layout.numel, params, group=group, world_size=dist.get_world_size(group),
+                             rank=dist.get_rank(group), device=device, bucket_numel=bucket_numel)
     if name == "DeepSpeedZeroOptimizer":
-        buckets = []
-        base = 0
-        world = rank = None
-        group = None
-        by_param = {id(s.param): s for s in shard_layout.slices}
-        for i, params in enumerate(opt.round_robin_bit16_groups):  # the flat tensor's order
+        params, sizes, bases, groups = {}, [], [], []
+        base, world, rank = 0, 1, 0
+        for i, group_params in enumerate(opt.round_robin_bit16_groups):  # the flat tensor's order
             group = opt.real_dp_process_group[i]
             world, rank = dist.get_world_size(group), dist.get_rank(group)
             size = int(opt.partition_size[i])
-            pieces, offset = [], 0
-            for p in params:
-                pieces.append(_Piece(p, offset, base, size))
+            offset = 0
+            for p in group_params:
                 s = by_param.get(id(p))
                 # Check our flat arithmetic against the hook's seam where this rank owns a slice.
                 if s is not None and s.numel and s.buffer_offset - base != offset + s.start - rank * size:
                     raise AssertionError(f"ZeRO-1/2 flat layout mismatch for {s.name}: DeepSpeed's layout changed")
+                params[id(p)] = _Param(index[id(p)], p.numel(), group=i, flat_offset=offset)
                 offset += p.numel()
-            buckets.append(("zero12", pieces, size))
+            sizes.append(size)
+            bases.append(base)
+            groups.append(group)
             base += size
-        return ShardScatter(capture, shard_layout.numel, buckets, world_size=world, rank=rank, group=group)
+        return _FlatScatter(capture, shard_layout.numel, params, group=groups[0] if groups else None, world_size=world,
+                            rank=rank, device=device, bucket_numel=bucket_numel, partition_sizes=sizes,
+                            group_bases=bases, groups=groups)
     raise ValueError(f"one-pass capture has no shard scatter for optimizer {name}; use K-pass capture")
 
 
