@@ -1,0 +1,131 @@
+"""Scoring pairs without gradients: the reference log-probs and held-out per-objective evaluation.
+
+Both need the same thing, the summed response log-probs of A and B for a set
+of pairs under the current engine, so both use :func:`score_pairs`. It splits
+the pairs over the ranks, pads the shorter ranks with a repeated batch (under
+ZeRO-3 every forward is a collective: all ranks must run the same number), and
+sums the per-rank tables so that every rank ends with the full table.
+
+Evaluation metrics per objective (over its non-tie held-out pairs):
+
+- ``loss``, ``accuracy``, ``margin``, ``chosen_reward``, ``rejected_reward``:
+  the training loss's own definitions (raco_ds.losses). With the initial model
+  as reference, the implicit rewards are all 0 before training, so ``accuracy``
+  starts at 0 (strict preference) and measures what training changed.
+- ``likelihood_accuracy``: how often the policy gives the preferred response the
+  higher mean per-token log-prob. Reference-free, so it is meaningful before
+  training too (the model's prior preference).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from raco_ds.data.batch import PreferenceCollator
+from raco_ds.data.tokenization import PreferenceDataset
+from raco_ds.logprobs import response_logps
+from raco_ds.losses import preference_losses
+
+__all__ = ["EVAL_METRICS", "PairScores", "evaluate", "policy_logps", "score_pairs"]
+
+EVAL_METRICS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "likelihood_accuracy")
+"""The per-objective metrics :func:`evaluate` returns."""
+
+
+@dataclass
+class PairScores:
+    """Summed response log-probs and lengths of A and B for pairs of a dataset (rows: pair_index)."""
+
+    logps: torch.Tensor
+    """(N, 2) float64: column 0 = response A, column 1 = response B (NaN where not scored)."""
+    lengths: torch.Tensor
+    """(N, 2) long: response token counts."""
+
+
+def policy_logps(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward ``batch`` (a PreferenceBatch on the engine's device) and return (sum_logps (2B,), num_tokens (2B,))."""
+    logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return response_logps(logits, batch.input_ids, batch.response_mask)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def score_pairs(
+    engine, dataset: PreferenceDataset, indices: Sequence[int], batch_size: int, collator: PreferenceCollator
+) -> PairScores:
+    """Score ``indices`` of ``dataset`` with the engine's current weights (collective; identical result on all ranks)."""
+    rank, world = _rank_world()
+    mine = list(indices)[rank::world]
+    per_rank = math.ceil(len(indices) / world)
+    num_batches = math.ceil(per_rank / batch_size) if per_rank else 0
+    device = engine.device
+    logps = torch.zeros(len(dataset), 2, dtype=torch.float64)
+    lengths = torch.zeros(len(dataset), 2, dtype=torch.long)
+    was_training = engine.module.training
+    engine.eval()
+    try:
+        for b in range(num_batches):
+            chunk = mine[b * batch_size : (b + 1) * batch_size]
+            padding = not chunk  # this rank ran out: repeat a pair so the collective forward still happens
+            batch = collator([dataset[i] for i in (chunk or list(indices)[:1])]).to(device)
+            sums, counts = policy_logps(engine, batch)
+            if padding:
+                continue
+            pairs, num = batch.pair_index.cpu(), batch.num_pairs
+            logps[pairs] = torch.stack([sums[:num], sums[num:]], dim=1).double().cpu()
+            lengths[pairs] = torch.stack([counts[:num], counts[num:]], dim=1).cpu()
+    finally:
+        engine.train(was_training)
+        # ZeRO-3 prefetches parameters for a next forward that a no-grad pass never runs; release
+        # them, or the next gather (checkpoint, export) finds parameters still "in flight".
+        engine.empty_partition_cache()
+    if world > 1:
+        # Every pair was scored by exactly one rank; the others hold zeros there.
+        dist.all_reduce(logps)
+        dist.all_reduce(lengths)
+    scored = torch.zeros(len(dataset), dtype=torch.bool)
+    scored[list(indices)] = True
+    logps[~scored] = float("nan")
+    return PairScores(logps, lengths)
+
+
+def evaluate(
+    policy: PairScores,
+    reference: PairScores | None,
+    dataset: PreferenceDataset,
+    indices: Sequence[int],
+    *,
+    loss: str,
+    beta: float,
+    options: dict[str, float] | None = None,
+) -> dict[str, list[float]]:
+    """Per-objective held-out metrics ({metric: [value per objective]}) from scored pairs."""
+    index = torch.as_tensor(list(indices), dtype=torch.long)
+    labels = torch.tensor([dataset[i].labels for i in indices], dtype=torch.long).T.contiguous()
+    pa, pb = policy.logps[index, 0], policy.logps[index, 1]
+    la, lb = policy.lengths[index, 0], policy.lengths[index, 1]
+    ref = {}
+    if reference is not None:
+        ref = {"reference_logps_a": reference.logps[index, 0], "reference_logps_b": reference.logps[index, 1]}
+    out = preference_losses(pa, pb, labels, loss=loss, beta=beta, lengths_a=la, lengths_b=lb, **ref, **(options or {}))
+    # Reference-free, length-normalised preference of the policy itself (SimPO's reward with beta 1).
+    likelihood = preference_losses(pa, pb, labels, loss="simpo", beta=1.0, lengths_a=la, lengths_b=lb)
+    return {
+        "loss": out.losses.tolist(),
+        "accuracy": out.accuracy.tolist(),
+        "margin": out.margin.tolist(),
+        "chosen_reward": out.chosen_reward.tolist(),
+        "rejected_reward": out.rejected_reward.tolist(),
+        "likelihood_accuracy": likelihood.accuracy.tolist(),
+        "num_pairs": out.num_pairs.tolist(),
+    }

@@ -1,0 +1,65 @@
+"""Export the trained model as a Hugging Face folder with safetensors (ZeRO-3 weights consolidated).
+
+Under ZeRO-3 each rank holds a slice of every parameter. The export gathers
+one parameter at a time with ``deepspeed.zero.GatheredParameters`` (so peak
+memory is the full model on rank 0's host plus one parameter, never a second
+full copy per rank), copies it to rank 0's CPU, and rank 0 writes the folder
+with ``save_pretrained``. Under ZeRO 0-2 the gather is a no-op. The folder is
+written under a temporary name and renamed, so a crash never leaves a
+loadable-looking half export. Load it with ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["consolidated_state_dict", "export_hf"]
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict on rank 0 (CPU tensors; tied weights once); an empty dict on other ranks.
+
+    Collective under ZeRO-3: every rank must call it.
+    """
+    import deepspeed
+
+    rank = _rank()
+    persistent = set(module.state_dict().keys())
+    out: dict[str, torch.Tensor] = {}
+    for name, param in module.named_parameters():  # named_parameters() yields a tied tensor once
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                out[name] = param.detach().to("cpu", copy=True)
+    if rank == 0:
+        for name, buffer in module.named_buffers():
+            if name in persistent:  # non-persistent buffers (rotary tables) are rebuilt by the model
+                out[name] = buffer.detach().to("cpu", copy=True)
+    return out
+
+
+def export_hf(module: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path | None:
+    """Write ``module`` (an HF ``PreTrainedModel``, possibly ZeRO-3 partitioned) and ``tokenizer``.
+
+    Returns the folder on rank 0, None elsewhere. Collective: every rank must call it.
+    """
+    out_dir = Path(out_dir)
+    state_dict = consolidated_state_dict(module)
+    if _rank() == 0:
+        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir if _rank() == 0 else None

@@ -1,0 +1,128 @@
+"""Where numbers go: TensorBoard and the console, written by rank 0 only.
+
+:class:`MetricsWriter` is the one processor every scalar passes through
+(torchtitan's rule): other ranks get a writer that drops everything, so no
+call site ever checks the rank. Tag names are listed in :data:`TAGS` so
+that tests and dashboards agree on them.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["TAGS", "MetricsWriter", "memory_scalars", "raco_scalars"]
+
+TAGS = {
+    "per_objective": ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward"),
+    "train": "train/{metric}/{objective}",
+    "eval": "eval/{metric}/{objective}",
+    "gram": "raco/gram/{a}__{b}",
+    "grad_norm": "raco/grad_norm/{objective}",
+    "cosine": "raco/cosine/{a}__{b}",
+    "coefficient": "raco/coefficient/{objective}",
+    "dual": "raco/dual/{objective}",
+    "dual_clipped": "raco/dual_clipped/{objective}",
+    "clip_active": "raco/clip_active",
+    "skipped": "raco/skipped",
+    "combined_grad_norm": "train/grad_norm_combined",
+    "lr": "train/lr",
+    "tokens_per_s": "perf/tokens_per_s",
+    "pass_time": "time/pass/{objective}",
+    "passes_time": "time/passes",
+    "scatter_time": "time/onepass_scatter",
+    "hook_time": "time/hook",
+    "hook_part_time": "time/hook_{part}",
+    "step_time": "time/step",
+    "rss": "memory/rss_gib",
+    "peak_rss": "memory/peak_rss_gib",
+    "cuda_max_allocated": "memory/cuda_max_allocated_gib",
+}
+"""Tag templates of every scalar the trainer writes."""
+
+
+def _gib(num_bytes: float) -> float:
+    return num_bytes / 2**30
+
+
+def memory_scalars() -> dict[str, float]:
+    """Host RSS now and at peak (this process), and the accelerator's max allocated memory."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/statm") as handle:
+            out[TAGS["rss"]] = _gib(int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+    except OSError:
+        pass
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out[TAGS["peak_rss"]] = _gib(peak_kib if sys.platform == "darwin" else peak_kib * 1024)
+    if torch.cuda.is_available():
+        out[TAGS["cuda_max_allocated"]] = _gib(torch.cuda.max_memory_allocated())
+    return out
+
+
+def raco_scalars(stats, names: Sequence[str]) -> dict[str, float]:
+    """TensorBoard scalars of one :class:`~raco_ds.deepspeed.RacoStepStats`, tagged by objective name."""
+    out: dict[str, float] = {TAGS["clip_active"]: float(stats.clip_active), TAGS["skipped"]: float(stats.skipped)}
+    k = len(names)
+    for i, a in enumerate(names):
+        out[TAGS["grad_norm"].format(objective=a)] = float(stats.grad_norms[i])
+        for j in range(i, k):
+            out[TAGS["gram"].format(a=a, b=names[j])] = float(stats.gram[i, j])
+            if j > i:
+                out[TAGS["cosine"].format(a=a, b=names[j])] = float(stats.cosines[i, j])
+    for key, vector in (
+        ("coefficient", stats.coefficients),
+        ("dual", stats.dual),
+        ("dual_clipped", stats.dual_clipped),
+    ):
+        if vector is not None:
+            out.update({TAGS[key].format(objective=name): float(vector[i]) for i, name in enumerate(names)})
+    if stats.coefficients is not None:
+        # ||sum_k a_k g_k|| from the Gram alone: a^T H a (before DeepSpeed's clipping).
+        a = stats.coefficients.to(torch.float64)
+        out[TAGS["combined_grad_norm"]] = float((a @ stats.gram.to(torch.float64) @ a).clamp_min(0).sqrt())
+    out[TAGS["hook_time"]] = float(stats.seconds_hook)
+    for part in ("capture", "gram", "allreduce", "solve", "write"):
+        out[TAGS["hook_part_time"].format(part=part)] = float(getattr(stats, f"seconds_{part}"))
+    return out
+
+
+class MetricsWriter:
+    """Scalars to TensorBoard under ``<log_dir>``; a no-op on every rank but 0 (or when disabled)."""
+
+    def __init__(self, log_dir: str | Path, *, enabled: bool, rank: int, purge_step: int | None = None) -> None:
+        """``purge_step``: on resume, drop events at or after this step that a crashed run left behind."""
+        self.active = enabled and rank == 0
+        self._writer = None
+        if self.active:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Write ``{tag: value}`` at ``step`` (NaN values, e.g. an objective with no pairs, are written too)."""
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, float(value), step)
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """Write a text note (the resolved config, the capture mode, ...)."""
+        if self._writer is not None:
+            self._writer.add_text(tag, text, step)
+
+    def flush(self) -> None:
+        """Push pending events to disk."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
