@@ -86,7 +86,10 @@ class OnePassCapture:
     def __init__(self, run) -> None:
         from raco_ds.onepass import DeepSpeedOnePass
 
-        self.adapter = DeepSpeedOnePass(run.engine, len(run.names), run.hook.shard_layout)
+        # Bound to the hook's buffer, the K shards are reduced straight into it during the backward.
+        self.adapter = DeepSpeedOnePass(
+            run.engine, len(run.names), run.hook.shard_layout, shard_buffer=run.hook.shard_buffer
+        )
 
     def step(self, run, record) -> Any:
         """Run one optimizer step's passes and ``hook.step()``; fills ``record``; returns the hook's stats."""
@@ -94,6 +97,7 @@ class OnePassCapture:
 
         k_total, gas, hook = len(run.names), run.cfg.optimisation.gradient_accumulation_steps, run.hook
         step_started = time.perf_counter()
+        reduced_before = self.adapter.scatter.seconds
         self.adapter.zero()
         for _ in range(gas):
             # Per-objective data: every objective's next micro-batch in one forward (labels of a pair
@@ -109,11 +113,10 @@ class OnePassCapture:
                 coefficients = coefficients_from_losses(logps, out.losses)  # (K, 2B) = dL_k / dlogp_r
                 self.adapter.backward(logps.sum(), coefficients)
             record.add(out, range(k_total))
-        started = record.passes_seconds = time.perf_counter()
-        record.passes_seconds -= step_started
-        self.adapter.scatter_into(hook.shard_buffer)
+        self.adapter.scatter_into(hook.shard_buffer)  # a finaliser: the reduction ran inside backward()
         hook.mark_captured()
-        record.scatter_seconds = time.perf_counter() - started
+        record.scatter_seconds = self.adapter.scatter.seconds - reduced_before
+        record.passes_seconds = time.perf_counter() - step_started - record.scatter_seconds
         return hook.step(before_engine_step=self.adapter.finish_engine_backward)
 
 
