@@ -27,6 +27,7 @@ _EXPORTS = {
     "get_aggregator": "raco_ds.solver",
     "dual_gap": "raco_ds.solver",
     "SolverError": "raco_ds.solver",
+    "validate_weights": "raco_ds.solver",
     "local_gram": "raco_ds.gram",
     "solve_across_ranks": "raco_ds.consensus",
     "StepSolution": "raco_ds.consensus",

@@ -41,7 +41,7 @@ face solutions are averaged, so that equal objectives get equal duals whatever t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import combinations
@@ -61,6 +61,7 @@ __all__ = [
     "raco_coefficients",
     "register_aggregator",
     "solve_dual",
+    "validate_weights",
 ]
 
 ENUMERATION_MAX_K = 12
@@ -94,6 +95,43 @@ def _as_numpy(x: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
         return np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{name} must be a tensor of numbers, got {type(x).__name__}: {error}") from None
+
+
+def _checked_weights(weights, K: int | None = None) -> np.ndarray:
+    """User weights as float64 numpy, checked to be a point on the simplex (of dimension K if given)."""
+    w = _as_numpy(weights, "weights")
+    if w.ndim != 1 or w.shape[0] == 0 or (K is not None and w.shape[0] != K):
+        expected = f"length K = {K} (one per objective, matching the gram)" if K is not None else "one per objective"
+        raise ValueError(f"weights must be a vector of {expected}, got shape {tuple(w.shape)}")
+    if not np.isfinite(w).all():
+        raise ValueError(f"weights contain NaN or inf: {w.tolist()}; pass finite weights on the simplex")
+    if (w < 0).any():
+        raise ValueError(
+            f"weights must be non-negative, got {w.tolist()}; user weights lie on the simplex, "
+            "use 0 to ignore an objective"
+        )
+    if abs(float(w.sum()) - 1.0) > _WEIGHT_SUM_TOL:
+        raise ValueError(
+            f"weights must sum to 1 (tolerance {_WEIGHT_SUM_TOL:g}), got sum {float(w.sum())!r} for "
+            f"{w.tolist()}; divide them by their sum"
+        )
+    return w
+
+
+def validate_weights(weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """User weights as a float64 CPU tensor, or a ValueError saying why they are not on the simplex.
+
+    Framework adapters call this once at construction, so a bad weight vector
+    fails before any training step.
+
+    >>> validate_weights([0.25, 0.75]).tolist()
+    [0.25, 0.75]
+    >>> validate_weights([0.5, 0.6])
+    Traceback (most recent call last):
+    ...
+    ValueError: weights must sum to 1 (tolerance 1e-06), got sum 1.1 for [0.5, 0.6]; divide them by their sum
+    """
+    return torch.from_numpy(_checked_weights(weights).copy())
 
 
 def _validate(gram, weights, c: float) -> tuple[np.ndarray, np.ndarray, float]:
@@ -132,24 +170,7 @@ def _validate(gram, weights, c: float) -> tuple[np.ndarray, np.ndarray, float]:
                 f"{top:.3e}; a Gram of gradients has no negative eigenvalue beyond rounding, "
                 "so build it as G @ G.T in float64"
             )
-    w = _as_numpy(weights, "weights")
-    if w.ndim != 1 or w.shape[0] != K:
-        raise ValueError(
-            f"weights must be a vector of length K = {K} (one per objective, matching the gram), "
-            f"got shape {tuple(w.shape)}"
-        )
-    if not np.isfinite(w).all():
-        raise ValueError(f"weights contain NaN or inf: {w.tolist()}; pass finite weights on the simplex")
-    if (w < 0).any():
-        raise ValueError(
-            f"weights must be non-negative, got {w.tolist()}; user weights lie on the simplex, "
-            "use 0 to ignore an objective"
-        )
-    if abs(float(w.sum()) - 1.0) > _WEIGHT_SUM_TOL:
-        raise ValueError(
-            f"weights must sum to 1 (tolerance {_WEIGHT_SUM_TOL:g}), got sum {float(w.sum())!r} for "
-            f"{w.tolist()}; divide them by their sum"
-        )
+    w = _checked_weights(weights, K)
     if isinstance(c, bool) or not isinstance(c, (int, float, np.floating, np.integer)) or not math.isfinite(c):
         raise ValueError(f"c must be a finite float in [0, 1), got {c!r}")
     if not 0.0 <= float(c) < 1.0:

@@ -7,8 +7,11 @@ same TensorBoard tags, so both return a :class:`RacoStepStats`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from raco_ds.consensus import StepSolution
 
 __all__ = ["NonFiniteGradientError", "RacoStepStats"]
 
@@ -45,6 +48,25 @@ class RacoStepStats:
     """The aggregator's solve plus the cross-rank agreement check."""
     seconds_write: float = 0.0
     """Forming sum_k a_k S[k] and writing it into the engine."""
+
+    @classmethod
+    def from_solution(cls, solution: StepSolution, **fields: Any) -> RacoStepStats:
+        """The stats of ``solution`` (the cross-rank solve), plus the adapter's own ``fields`` (timings, ...)."""
+        aggregation = solution.aggregation
+        return cls(
+            gram=solution.gram,
+            coefficients=None if aggregation is None else aggregation.coefficients,
+            dual=None if aggregation is None else aggregation.dual,
+            dual_clipped=None if aggregation is None else aggregation.dual_clipped,
+            clip_active=False if aggregation is None else bool(aggregation.clip_active),
+            grad_norms=solution.grad_norms,
+            cosines=solution.cosines,
+            skipped=solution.skipped,
+            nonfinite_objectives=list(solution.nonfinite_objectives),
+            seconds_allreduce=solution.seconds_allreduce,
+            seconds_solve=solution.seconds_solve,
+            **fields,
+        )
 
     @property
     def seconds_hook(self) -> float:

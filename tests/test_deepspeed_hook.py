@@ -24,7 +24,7 @@ from ds_oracle import relative_error
 from multirank import run_ranks
 
 from raco_ds.deepspeed import RacoStepStats, UnsupportedEngineError
-from raco_ds.deepspeed.hook import _validated_weights
+from raco_ds.solver import validate_weights
 from raco_ds.deepspeed.layout import EngineLayout
 
 UPDATE_TOL, GRAM_TOL, COEF_TOL = 1e-5, 1e-6, 1e-6
@@ -291,7 +291,7 @@ def test_allows_supported_config():
 @pytest.mark.parametrize("weights", [[0.5, 0.6], [-0.1, 1.1], [], [float("nan"), 1.0]])
 def test_rejects_bad_weights(weights):
     with pytest.raises(ValueError, match="weights"):
-        _validated_weights(weights)
+        validate_weights(weights)
 
 
 def test_scalars_are_flat_and_named():

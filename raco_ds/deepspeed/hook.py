@@ -58,10 +58,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from raco_ds.consensus import StepSolution, solve_across_ranks
+from raco_ds.consensus import solve_across_ranks
 from raco_ds.deepspeed.layout import EngineLayout
 from raco_ds.deepspeed.rows import ShardRows
 from raco_ds.deepspeed.shards import ShardLayout, ShardStrategy, make_strategy
+from raco_ds.solver import validate_weights
 from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 
 __all__ = ["NonFiniteGradientError", "RacoHook", "RacoStepStats"]
@@ -91,7 +92,7 @@ class RacoHook:
         ``on_nonfinite``: "skip" (skip the step everywhere and report) or "raise".
         ``verify_coefficients``: check every step that all ranks computed identical coefficients.
         """
-        self.weights = _validated_weights(weights)
+        self.weights = validate_weights(weights)
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
         from raco_ds import solver
@@ -289,7 +290,9 @@ class RacoHook:
             gram_local, self.weights, self.aggregator, self.c, group=self._group,
             device=self._collective_device, verify=self.verify_coefficients,
         )  # fmt: skip
-        stats = _stats(solution, self._seconds_capture, gram_done - started)
+        stats = RacoStepStats.from_solution(
+            solution, seconds_capture=self._seconds_capture, seconds_gram=gram_done - started
+        )
         self._micro_batches = [0] * self.num_objectives
         self._seconds_capture = 0.0
 
@@ -344,36 +347,6 @@ class RacoHook:
         if self.layout.partitions_gradients:
             bound = math.ceil(total / world) + len(shard.slices) + 64 * world
             assert shard.numel <= bound, f"shard of {shard.numel} elements exceeds 1/{world} of {total} (+padding)"
-
-
-def _validated_weights(weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
-    if w.numel() < 1:
-        raise ValueError("weights must name at least one objective")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError(f"weights must be finite and non-negative, got {w.tolist()}")
-    if abs(float(w.sum()) - 1.0) > 1e-6:
-        raise ValueError(f"weights must sum to 1 (a point on the simplex), got sum {float(w.sum())}: {w.tolist()}")
-    return w
-
-
-def _stats(solution: StepSolution, seconds_capture: float, seconds_gram: float) -> RacoStepStats:
-    aggregation = solution.aggregation
-    return RacoStepStats(
-        gram=solution.gram,
-        coefficients=None if aggregation is None else aggregation.coefficients,
-        dual=None if aggregation is None else aggregation.dual,
-        dual_clipped=None if aggregation is None else aggregation.dual_clipped,
-        clip_active=False if aggregation is None else bool(aggregation.clip_active),
-        grad_norms=solution.grad_norms,
-        cosines=solution.cosines,
-        skipped=solution.skipped,
-        nonfinite_objectives=list(solution.nonfinite_objectives),
-        seconds_capture=seconds_capture,
-        seconds_gram=seconds_gram,
-        seconds_allreduce=solution.seconds_allreduce,
-        seconds_solve=solution.seconds_solve,
-    )
 
 
 def _rank(group=None) -> int:

@@ -35,6 +35,7 @@ from raco_ds.consensus import StepSolution, solve_across_ranks
 
 # The step stats and the non-finite error are shared with the DeepSpeed hook, so that
 # logging and error handling do not depend on the backend (hook.py imports no deepspeed).
+from raco_ds.solver import validate_weights
 from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 from raco_ds.gram import local_gram
 from raco_ds.megatron._layout import MegatronShardLayout, UnsupportedMegatronSetupError
@@ -104,12 +105,7 @@ class RacoMegatron:
         on_nonfinite: str = "skip",
         verify: bool = True,
     ) -> None:
-        self.weights = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
-        if self.weights.numel() < 1 or bool((self.weights < 0).any()) or abs(float(self.weights.sum()) - 1) > 1e-6:
-            raise ValueError(
-                f"weights must be non-negative and sum to 1 (one per objective), got {self.weights.tolist()}; "
-                "normalise them, e.g. w / w.sum()"
-            )
+        self.weights = validate_weights(weights)
         if not 0 <= c < 1:
             raise ValueError(f"c (the conflict radius) must lie in [0, 1), got {c}")
         from raco_ds.solver import AGGREGATORS
@@ -337,23 +333,12 @@ class RacoMegatron:
         self._seconds_capture = 0.0
 
     def _stats(self, solution: StepSolution, timings: dict[str, float], ok: bool, grad_norm) -> MegatronStepStats:
-        agg = solution.aggregation
-        return MegatronStepStats(
-            gram=solution.gram,
-            coefficients=None if agg is None else agg.coefficients,
-            dual=None if agg is None else agg.dual,
-            dual_clipped=None if agg is None else agg.dual_clipped,
-            clip_active=False if agg is None else agg.clip_active,
-            grad_norms=solution.grad_norms,
-            cosines=solution.cosines,
-            skipped=solution.skipped,
-            nonfinite_objectives=list(solution.nonfinite_objectives),
+        return MegatronStepStats.from_solution(
+            solution,
             update_successful=ok,
             grad_norm=None if grad_norm is None else float(grad_norm),
             seconds_capture=self._seconds_capture,
             seconds_gram=timings.get("gram", 0.0),
-            seconds_allreduce=timings.get("allreduce", 0.0),
-            seconds_solve=timings.get("solve", 0.0),
             seconds_write=timings.get("write", 0.0),
             seconds_step=timings.get("step", 0.0),
         )
