@@ -1,0 +1,69 @@
+"""Held-out evaluation of a saved model: per-objective preference accuracy, margin, KL proxy.
+
+    # a training run's folder (its export/ is evaluated with the run's own data, split and reference)
+    python launchers/eval.py --model outputs/tiny
+    # any HF model folder, against the data/split/reference that trainer options describe
+    python launchers/eval.py --model path/to/hf_folder --preset tiny --data.num_eval_pairs 80
+    # a different reference than the config's initial model
+    python launchers/eval.py --model outputs/tiny --reference tiny
+
+Options other than the ones below are launchers/train.py options (``--preset``, ``--config``,
+``--data.*``, ``--loss``, ``--beta``, ``--seed`` ...): they say which held-out pairs (the
+trainer's seeded split), which loss definitions and which reference to use. Given for a run
+folder, they override its saved config.yaml.
+
+Metrics (one column per objective) are printed and written as JSON (``--output``; default
+``<model folder>/heldout_eval.json``). See raco_ds.pareto.evaluate for their definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raco_ds.pareto.evaluate import HeldOutEvaluator, format_report, resolve_run  # noqa: E402
+from raco_ds.trainer.config import ConfigError, parse_args  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate, print the table, write the JSON."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="A run folder (with config.yaml and export/) or an HF model folder.")
+    p.add_argument("--reference", default=None, help="Reference model (default: the config's model.name_or_path).")
+    p.add_argument("--output", default=None, help="JSON file to write (default: <model folder>/heldout_eval.json).")
+    p.add_argument("--batch-size", type=int, default=None, help="Pairs per forward (default: logging.eval_batch_size).")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    args, train_options = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+
+    try:
+        model_dir, run_config = resolve_run(args.model)
+        cfg = None
+        if train_options or run_config is None:
+            if run_config is not None and "--config" not in train_options:
+                train_options = ["--config", str(run_config), *train_options]
+            cfg = parse_args(train_options)
+        report = HeldOutEvaluator(batch_size=args.batch_size, device=args.device).evaluate(
+            args.model, cfg, reference=args.reference
+        )
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    print(f"model: {report.model}\nreference: {report.reference}\n"
+          f"held-out pairs: {report.num_eval_pairs} ({report.num_conflict_pairs} with conflicting labels)")
+    print(format_report(report))
+    out = Path(args.output) if args.output else model_dir / "heldout_eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_dict(), indent=2))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Pareto sweep: one training run per (aggregator, weight vector), held-out evaluation, CSV/JSON/PNG.
+
+    # 3 aggregators x 5 weights of the tiny preset (single-process CPU runs)
+    python launchers/sweep.py --output-dir outputs/pareto-tiny -- --preset tiny --max-steps 12
+    # K = 3 simplex grid with step 0.5, two aggregators, each point on 2 DeepSpeed ranks
+    python launchers/sweep.py --objectives a,b,c --grid-step 0.5 --aggregators raco,linear \\
+        --train-command "deepspeed --num_gpus 2 launchers/train.py" -- --data my_k3.jsonl
+
+Everything after ``--`` goes unchanged to every training run (launchers/train.py options). Run
+the same command again to resume: finished points are skipped, crashed ones retrained.
+Exit status 1 when a point failed (its log is named in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raco_ds.pareto.grid import parse_weights  # noqa: E402
+from raco_ds.pareto.sweep import SweepConfig, SweepResult, run_sweep  # noqa: E402
+from raco_ds.trainer.config import _field_docs  # noqa: E402  (field docstrings -> --help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; each option's help is its SweepConfig field docstring."""
+    docs = _field_docs(SweepConfig)
+    default = SweepConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output-dir", default=default.output_dir, help=docs["output_dir"])
+    p.add_argument("--aggregators", default=",".join(default.aggregators), help=docs["aggregators"] + " Comma-separated.")
+    p.add_argument("--objectives", default=",".join(default.objectives), help=docs["objectives"] + " Comma-separated.")
+    p.add_argument("--weights", default=None, help=docs["weights"] + " Format: '0,1;0.5,0.5;1,0'.")
+    p.add_argument("--grid-step", type=float, default=default.grid_step, help=docs["grid_step"])
+    p.add_argument("--train-command", default=None, help=docs["train_command"] + " One shell-quoted string.")
+    p.add_argument("--max-attempts", type=int, default=default.max_attempts, help=docs["max_attempts"])
+    p.add_argument("--timeout-s", type=float, default=None, help=docs["timeout_s"])
+    p.add_argument("--resume-crashed", action="store_true", help=docs["resume_crashed"])
+    p.add_argument("--front-metric", default=default.front_metric, help=docs["front_metric"])
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each training run (default: inherit).")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="Pairs per evaluation forward (default: the run's).")
+    return p
+
+
+def config_from_args(argv: list[str]) -> tuple[SweepConfig, argparse.Namespace]:
+    """Split ``argv`` at ``--`` and build the :class:`SweepConfig` (ValueError on bad settings)."""
+    ours, train_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = build_parser().parse_args(ours)
+    objectives = [x.strip() for x in args.objectives.split(",") if x.strip()]
+    cfg = SweepConfig(
+        output_dir=args.output_dir,
+        aggregators=[x.strip() for x in args.aggregators.split(",") if x.strip()],
+        objectives=objectives,
+        weights=[list(w) for w in parse_weights(args.weights, len(objectives))] if args.weights else None,
+        grid_step=args.grid_step,
+        train_args=train_args,
+        train_command=shlex.split(args.train_command) if args.train_command else None,
+        max_attempts=args.max_attempts,
+        timeout_s=args.timeout_s,
+        resume_crashed=args.resume_crashed,
+        front_metric=args.front_metric,
+        env={"OMP_NUM_THREADS": str(args.threads)} if args.threads else {},
+    )
+    return cfg, args
+
+
+def summary_table(cfg: SweepConfig, result: SweepResult) -> str:
+    """Markdown: one row per point, then one row per aggregator's front summary."""
+    objs = cfg.objectives
+    metrics = ["accuracy", "margin", "kl_proxy", "accuracy_conflict"]
+    cols = [f"{m}/{o}" for m in metrics for o in objs]
+    lines = ["| aggregator | weights | " + " | ".join(cols) + " | train s |", "|---" * (len(cols) + 3) + "|"]
+    for o in result.outcomes:
+        cells = [f"{o.metrics[c]:.3f}" if c in o.metrics else "-" for c in cols]
+        seconds = "failed" if o.status == "failed" else f"{o.train_seconds:.1f}"
+        weights = ",".join(f"{w:g}" for w in o.point.weights)
+        lines.append(f"| {o.point.aggregator} | {weights} | " + " | ".join(cells) + f" | {seconds} |")
+    lines += ["", "| aggregator | hypervolume (ref 0) | hypervolume (ref 0.5) | monotonicity | "
+                  + " | ".join(f"spearman {o}" for o in objs) + " | front |", "|---" * (5 + len(objs)) + "|"]
+    for name, s in result.summary.items():
+        per = " | ".join(f"{r:.3f}" for r in s["monotonicity_per_objective"])
+        front = "; ".join(",".join(f"{w:g}" for w in ws) for ws in s["front"])
+        lines.append(f"| {name} | {s['hypervolume']:.4f} | {s['hypervolume_above_chance']:.4f} | "
+                     f"{s['monotonicity']:.3f} | {per} | {front} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep; print the table and where the files are."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg, args = config_from_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    evaluator = None
+    if args.eval_batch_size:
+        from raco_ds.pareto.evaluate import HeldOutEvaluator
+
+        evaluator = HeldOutEvaluator(batch_size=args.eval_batch_size)
+    result = run_sweep(cfg, evaluator)
+    print(summary_table(cfg, result))
+    for kind, path in result.files.items():
+        print(f"{kind}: {path}")
+    for o in result.failed:
+        print(f"FAILED {o.point.name}: see {o.point.folder(cfg.output_dir) / 'train.log'}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

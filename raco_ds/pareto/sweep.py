@@ -1,0 +1,481 @@
+"""Restartable Pareto sweeps: one training run per (aggregator, weight vector), then held-out evaluation.
+
+Every point starts from the same initial model and data (the same ``train_args`` and seed;
+only ``--aggregator`` and ``--weights`` change) and runs ``launchers/train.py`` in its own
+subprocess, so that one point's crash, leak or global state cannot reach another.
+
+Layout of ``output_dir``::
+
+    sweep.json                      the sweep's settings (a restart must match them)
+    points/<aggregator>/w<w1>_<w2>/
+        train/                      the trainer's --output-dir (config.yaml, export/, ...)
+        train.log                   stdout + stderr of every attempt
+        DONE.json                   completion marker, written atomically after a successful run
+        eval.json                   held-out metrics of that trained model
+    results.csv, results.json       one row per point, plus per-aggregator hypervolume/monotonicity
+    pareto.png                      objective 1's metric against objective 2's
+
+Restart rules: a point with ``DONE.json`` is not trained again; a point without it (never
+started, crashed, killed, timed out) is trained again from scratch (its partial ``train/`` is
+deleted first, unless ``resume_crashed`` passes ``--resume`` to the trainer). A point's
+evaluation is reused while its ``eval.json`` belongs to the current ``DONE.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raco_ds.pareto.grid import DEFAULT_STEP, Weights, format_weights, simplex_grid, validate_weights
+from raco_ds.pareto.metrics import (
+    ACCURACY_REFERENCE,
+    CHANCE_REFERENCE,
+    hypervolume,
+    monotonicity,
+    non_dominated,
+)
+from raco_ds.pareto.plot import plot_fronts
+
+__all__ = [
+    "DONE_MARKER",
+    "EVAL_FILE",
+    "Evaluator",
+    "PointOutcome",
+    "SweepConfig",
+    "SweepError",
+    "SweepPoint",
+    "SweepResult",
+    "front_summary",
+    "run_sweep",
+    "write_json_atomic",
+]
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DONE_MARKER = "DONE.json"
+"""Name of the per-point completion marker (written atomically after a successful training run)."""
+EVAL_FILE = "eval.json"
+"""Name of the per-point evaluation result."""
+FRONT_METRICS = ("accuracy", "margin")
+"""Per-objective metrics a front (hypervolume, monotonicity, plot) can be drawn in."""
+
+# Options the sweep sets per point: passing them in train_args would silently fight the sweep.
+_RESERVED = {
+    "--weights": "weights", "--objectives.weights": "weights",
+    "--aggregator": "aggregators", "--raco.aggregator": "aggregators",
+    "--objectives": "objectives", "--objectives.names": "objectives",
+    "--output-dir": "output_dir", "--checkpointing.output_dir": "output_dir",
+    "--resume": "resume_crashed", "--checkpointing.resume": "resume_crashed",
+}
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot start or finish; the message names the setting or point and the fix."""
+
+
+@dataclass(kw_only=True)
+class SweepConfig:
+    """One Pareto sweep: the grid, how each point is trained, and where results go."""
+
+    output_dir: str = "outputs/pareto"
+    """Sweep folder (see the module docstring). Re-running with the same folder resumes the sweep."""
+    aggregators: list[str] = field(default_factory=lambda: ["raco", "linear", "cagrad"])
+    """Aggregators to compare, one front each (raco_ds.solver names)."""
+    objectives: list[str] = field(default_factory=lambda: ["helpful", "harmless"])
+    """Objective names, in weight order (passed as --objectives)."""
+    weights: list[list[float]] | None = None
+    """Explicit weight vectors; None: the simplex grid with spacing grid_step."""
+    grid_step: float = DEFAULT_STEP
+    """Spacing of the default grid: 0.25 gives w_1 in {0, 0.25, 0.5, 0.75, 1} for K = 2, 15 points for K = 3."""
+    train_args: list[str] = field(default_factory=list)
+    """Arguments given to every training run (e.g. --preset tiny --max-steps 12); the same for
+    every point so that all start from the same model and data. Must not set the per-point options."""
+    train_command: list[str] | None = None
+    """The training program; None: this Python running launchers/train.py (single process).
+    E.g. ["deepspeed", "--num_gpus", "2", "launchers/train.py"] for a multi-rank point."""
+    max_attempts: int = 2
+    """Tries per point and call before it is reported failed (a later call tries again)."""
+    timeout_s: float | None = None
+    """Wall-clock limit per training attempt in seconds (the attempt is killed and counts as a crash)."""
+    resume_crashed: bool = False
+    """Retry a crashed point with --resume (continue from its last checkpoint) instead of from scratch."""
+    front_metric: str = "accuracy"
+    """Per-objective metric of the fronts: "accuracy" (held-out preference accuracy) or "margin"."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables for the training subprocesses (e.g. OMP_NUM_THREADS)."""
+
+    def __post_init__(self) -> None:
+        if not self.aggregators or len(set(self.aggregators)) != len(self.aggregators):
+            raise ValueError(f"aggregators={self.aggregators} must be non-empty and without duplicates, e.g. raco,linear")
+        if not self.objectives or len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives={self.objectives} must be non-empty and without duplicates, e.g. helpful,harmless")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0 seconds or None (no limit), got {self.timeout_s}")
+        if self.front_metric not in FRONT_METRICS:
+            raise ValueError(f"front_metric={self.front_metric!r} is not known; use one of {list(FRONT_METRICS)}")
+        for arg in self.train_args:
+            key = arg.split("=", 1)[0]
+            if key in _RESERVED:
+                raise ValueError(
+                    f"train_args sets {key}, which the sweep sets per point; "
+                    f"use the sweep's {_RESERVED[key]} setting instead"
+                )
+        self.grid()  # validate the grid now, not after the first training run
+
+    def grid(self) -> list[Weights]:
+        """The weight vectors of the sweep (explicit ``weights`` or the simplex grid)."""
+        k = len(self.objectives)
+        if self.weights is None:
+            return simplex_grid(k, self.grid_step)
+        grid = [validate_weights(w, k, where=f"weights[{i}]") for i, w in enumerate(self.weights)]
+        if len(set(grid)) != len(grid):
+            raise ValueError(f"weights={self.weights} repeats a vector; list each weight vector once")
+        return grid
+
+    def points(self) -> list[SweepPoint]:
+        """Every (aggregator, weights) point, aggregator-major."""
+        return [SweepPoint(aggregator=a, weights=w) for a in self.aggregators for w in self.grid()]
+
+    def command(self) -> list[str]:
+        """The training program (``train_command`` or this Python with launchers/train.py)."""
+        return list(self.train_command) if self.train_command else [sys.executable, str(REPO_ROOT / "launchers" / "train.py")]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One point of the sweep: an aggregator and a weight vector."""
+
+    aggregator: str
+    """Aggregator name (raco_ds.solver)."""
+    weights: Weights
+    """User weights on the simplex, in objective order."""
+
+    @property
+    def name(self) -> str:
+        """Folder name below ``points/``: ``<aggregator>/w<w1>_<w2>...``."""
+        return f"{self.aggregator}/w{format_weights(self.weights).replace(',', '_')}"
+
+    def folder(self, output_dir: str | Path) -> Path:
+        """This point's folder in the sweep."""
+        return Path(output_dir) / "points" / self.name
+
+
+@dataclass
+class PointOutcome:
+    """What happened to one point in this call."""
+
+    point: SweepPoint
+    """The point."""
+    status: str
+    """"skipped" (already trained), "trained", or "failed" (no successful attempt, or its evaluation raised)."""
+    attempts: int = 0
+    """Training attempts made in this call."""
+    train_seconds: float = math.nan
+    """Wall time of the successful training run (from its marker when skipped)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Held-out metrics (empty if failed or not evaluated)."""
+
+
+@dataclass
+class SweepResult:
+    """The sweep's outcome: per-point rows, per-aggregator front summaries and the written files."""
+
+    outcomes: list[PointOutcome]
+    """Every point of the grid, in sweep order."""
+    summary: dict[str, dict[str, Any]]
+    """Aggregator -> hypervolume, monotonicity and front members (see :func:`front_summary`)."""
+    files: dict[str, Path]
+    """"csv", "json", "png" -> written paths."""
+
+    @property
+    def failed(self) -> list[PointOutcome]:
+        """The points that did not train successfully."""
+        return [o for o in self.outcomes if o.status == "failed"]
+
+
+Evaluator = Callable[[SweepPoint, Path], Mapping[str, float]]
+"""(point, its trainer output folder) -> flat held-out metrics, e.g. {"accuracy/helpful": 0.7, ...}.
+
+Keys are "<metric>/<objective>"; the front uses "<front_metric>/<objective>"."""
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and rename, so a reader sees the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False, default=_json_default)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None  # a marker that is missing or torn counts as "not done"
+
+
+# ---------------------------------------------------------------------------
+# The manifest: a restart must train the same thing.
+
+_MANIFEST_KEYS = ("objectives", "train_args")  # what the trained models depend on
+
+
+def _check_manifest(cfg: SweepConfig) -> None:
+    path = Path(cfg.output_dir) / "sweep.json"
+    current = dataclasses.asdict(cfg)
+    previous = _read_json(path)
+    if previous is not None:
+        for key in _MANIFEST_KEYS:
+            if key in previous and previous[key] != current[key]:
+                raise SweepError(
+                    f"{cfg.output_dir} holds a sweep run with {key}={previous[key]!r}, but this call has "
+                    f"{key}={current[key]!r}; its finished points would not be comparable. "
+                    "Pass a new --output-dir, or delete the old sweep folder."
+                )
+        # Aggregators and weights may grow between calls: remember the union.
+        for key in ("aggregators",):
+            current[key] = list(dict.fromkeys([*previous.get(key, []), *current[key]]))
+    write_json_atomic(path, current)
+
+
+# ---------------------------------------------------------------------------
+# Training one point.
+
+
+def _environment(cfg: SweepConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    if cfg.train_command is None:
+        # A plain `python launchers/train.py` makes itself a world of one (trainer.loop.setup_distributed)
+        # unless it inherits a launcher's rank variables, e.g. from a sweep started inside a job step.
+        for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)
+    env.update(cfg.env)
+    return env
+
+
+def _train_argv(cfg: SweepConfig, point: SweepPoint, train_dir: Path, resume: bool) -> list[str]:
+    argv = cfg.command() + list(cfg.train_args) + [
+        "--objectives", ",".join(cfg.objectives),
+        "--weights", ",".join(repr(w) for w in point.weights),
+        "--aggregator", point.aggregator,
+        "--output-dir", str(train_dir),
+    ]
+    return argv + ["--resume"] if resume else argv
+
+
+def _run_attempt(argv: list[str], env: dict[str, str], log_path: Path, timeout_s: float | None) -> int:
+    """Run one training attempt, appending its output to ``log_path``; returns the exit code
+    (-9 after a timeout). The child gets its own process group so a timeout kills launcher
+    children too."""
+    with open(log_path, "a") as log:
+        log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(argv)}\n")
+        log.flush()
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+                                start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            log.write(f"\n===== killed after the {timeout_s} s timeout (SweepConfig.timeout_s)\n")
+            return -9
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ctrl-C: leave no orphaned training run behind
+            proc.wait()
+            raise
+
+
+def _train_point(cfg: SweepConfig, point: SweepPoint) -> PointOutcome:
+    folder = point.folder(cfg.output_dir)
+    marker = folder / DONE_MARKER
+    done = _read_json(marker)
+    if done is not None:
+        logger.info("%s: already trained (%s), skipped", point.name, marker)
+        return PointOutcome(point, "skipped", 0, float(done.get("train_seconds", math.nan)))
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train_dir = folder / "train"
+    for attempt in range(1, cfg.max_attempts + 1):
+        resume = cfg.resume_crashed and train_dir.exists()
+        if train_dir.exists() and not resume:
+            # A crashed attempt's partial checkpoints/export must not be mistaken for results.
+            logger.info("%s: removing the partial output of a crashed attempt", point.name)
+            shutil.rmtree(train_dir)
+        argv = _train_argv(cfg, point, train_dir, resume)
+        logger.info("%s: training (attempt %d/%d)", point.name, attempt, cfg.max_attempts)
+        start = time.perf_counter()
+        code = _run_attempt(argv, _environment(cfg), folder / "train.log", cfg.timeout_s)
+        seconds = time.perf_counter() - start
+        if code == 0:
+            write_json_atomic(marker, {
+                "aggregator": point.aggregator,
+                "weights": list(point.weights),
+                "objectives": cfg.objectives,
+                "argv": argv,
+                "train_seconds": seconds,
+                "attempts": attempt,
+                "finished_at": time.time(),
+            })
+            return PointOutcome(point, "trained", attempt, seconds)
+        logger.warning("%s: attempt %d exited with code %d after %.1f s; see %s",
+                       point.name, attempt, code, seconds, folder / "train.log")
+    return PointOutcome(point, "failed", cfg.max_attempts)
+
+
+def _evaluate_point(point: SweepPoint, folder: Path, evaluator: Evaluator) -> dict[str, float]:
+    done = _read_json(folder / DONE_MARKER) or {}
+    cached = _read_json(folder / EVAL_FILE)
+    if cached is not None and cached.get("finished_at") == done.get("finished_at"):
+        return dict(cached["metrics"])
+    metrics = {k: float(v) for k, v in evaluator(point, folder / "train").items()}
+    write_json_atomic(folder / EVAL_FILE, {"finished_at": done.get("finished_at"), "metrics": metrics})
+    return metrics
+
+
+# ---------------------------------------------------------------------------
+# Fronts and outputs.
+
+
+def front_summary(
+    points: Sequence[tuple[Weights, Sequence[float]]],
+    reference: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """Hypervolume, monotonicity and the non-dominated members of one aggregator's points.
+
+    ``points`` are (weights, per-objective metric) pairs. ``hypervolume`` uses ``reference``
+    (default: 0 per objective, the accuracy lower bound); ``hypervolume_above_chance`` uses
+    0.5 per objective (meaningful for accuracies only).
+    """
+    k = len(points[0][0]) if points else 0
+    ref = list(reference) if reference is not None else [ACCURACY_REFERENCE] * k
+    values = [tuple(v) for _, v in points]
+    mono = monotonicity([w for w, _ in points], values)
+    front = non_dominated(values)
+    return {
+        "hypervolume": hypervolume(values, ref),
+        "hypervolume_reference": ref,
+        "hypervolume_above_chance": hypervolume(values, [CHANCE_REFERENCE] * k),
+        "monotonicity": mono.score,
+        "monotonicity_per_objective": list(mono.per_objective),
+        "front": [list(points[i][0]) for i in front],
+        "num_points": len(points),
+    }
+
+
+def _rows(cfg: SweepConfig, outcomes: Sequence[PointOutcome]) -> list[dict[str, Any]]:
+    rows = []
+    for o in outcomes:
+        row: dict[str, Any] = {"aggregator": o.point.aggregator, "weights": format_weights(o.point.weights)}
+        row.update({f"w/{name}": w for name, w in zip(cfg.objectives, o.point.weights)})
+        row.update({"status": o.status, "train_seconds": round(o.train_seconds, 2)})
+        row.update(o.metrics)
+        rows.append(row)
+    return rows
+
+
+def _front_points(cfg: SweepConfig, outcomes: Sequence[PointOutcome], aggregator: str) -> list[tuple[Weights, list[float]]]:
+    keys = [f"{cfg.front_metric}/{name}" for name in cfg.objectives]
+    return [
+        (o.point.weights, [o.metrics[k] for k in keys])
+        for o in outcomes
+        if o.point.aggregator == aggregator and all(k in o.metrics for k in keys)
+    ]
+
+
+def _write_outputs(cfg: SweepConfig, outcomes: list[PointOutcome]) -> tuple[dict[str, Any], dict[str, Path]]:
+    out = Path(cfg.output_dir)
+    rows = _rows(cfg, outcomes)
+    reference = [0.0] * len(cfg.objectives)  # accuracy's lower bound; margin's value at the initial model
+    fronts = {a: _front_points(cfg, outcomes, a) for a in cfg.aggregators}
+    summary = {a: front_summary(p, reference) for a, p in fronts.items() if p}
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    csv_path = out / "results.csv"
+    tmp = csv_path.with_name(".results.csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, csv_path)
+
+    json_path = out / "results.json"
+    write_json_atomic(json_path, {
+        "objectives": cfg.objectives,
+        "front_metric": cfg.front_metric,
+        "hypervolume_note": (
+            "maximisation; reference point = 0 per objective (accuracy's lower bound, the initial "
+            "model's margin); hypervolume_above_chance uses 0.5 per objective"
+        ),
+        "config": dataclasses.asdict(cfg),
+        "points": rows,
+        "summary": summary,
+    })
+    files = {"csv": csv_path, "json": json_path}
+    if any(fronts.values()) and len(cfg.objectives) >= 2:
+        files["png"] = plot_fronts(
+            {a: p for a, p in fronts.items() if p},
+            out / "pareto.png",
+            axis_labels=(f"held-out {cfg.front_metric}: {cfg.objectives[0]}",
+                         f"held-out {cfg.front_metric}: {cfg.objectives[1]}"),
+            title=f"Pareto sweep ({', '.join(cfg.aggregators)}); labels: weights "
+                  f"({','.join(cfg.objectives)})",
+        )
+    return summary, files
+
+
+def run_sweep(cfg: SweepConfig, evaluator: Evaluator | None = None) -> SweepResult:
+    """Train (or skip) every point, evaluate each trained model, and write CSV, JSON and PNG.
+
+    ``evaluator`` defaults to :class:`raco_ds.pareto.evaluate.HeldOutEvaluator` (held-out
+    pairs of each run's own config). Failed points are reported in the result (and logged with
+    their log file); the remaining points still run.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_manifest(cfg)
+    if evaluator is None:
+        from raco_ds.pareto.evaluate import HeldOutEvaluator
+
+        evaluator = HeldOutEvaluator()
+
+    outcomes = []
+    points = cfg.points()
+    for i, point in enumerate(points, 1):
+        outcome = _train_point(cfg, point)
+        if outcome.status != "failed":
+            try:
+                outcome.metrics = _evaluate_point(point, point.folder(out), evaluator)
+            except Exception:  # one broken export must not cost the rest of the sweep
+                logger.exception("%s: evaluation failed; the next call evaluates it again", point.name)
+                outcome.status = "failed"
+        logger.info("[%d/%d] %s %s %s", i, len(points), point.name, outcome.status,
+                    " ".join(f"{k}={v:.3f}" for k, v in outcome.metrics.items() if k.startswith(cfg.front_metric)))
+        outcomes.append(outcome)
+    summary, files = _write_outputs(cfg, outcomes)
+    return SweepResult(outcomes=outcomes, summary=summary, files=files)

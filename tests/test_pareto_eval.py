@@ -1,0 +1,61 @@
+"""Held-out evaluation (raco_ds.pareto.evaluate, launchers/eval.py) on the tiny model and the bundled data."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from raco_ds.pareto.evaluate import EvalReport, format_report, resolve_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _eval_launcher():
+    spec = importlib.util.spec_from_file_location("eval_launcher", REPO / "launchers" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_initial_model_against_itself_has_zero_margins_and_kl(tmp_path):
+    from raco_ds.models import resolve_model_path
+
+    out = tmp_path / "m.json"
+    code = _eval_launcher().main(
+        ["--model", resolve_model_path("tiny"), "--preset", "tiny", "--data.num_eval_pairs", "8", "--output", str(out)]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    m = report["metrics"]
+    assert report["objectives"] == ["helpful", "harmless"] and report["num_eval_pairs"] == 8
+    assert m["num_pairs"] == [8, 8]
+    # policy == reference: every implicit reward is exactly 0, so no pair is strictly preferred.
+    assert m["margin"] == [0.0, 0.0] and m["kl_proxy"] == [0.0, 0.0] and m["accuracy"] == [0.0, 0.0]
+    assert all(0.0 <= v <= 1.0 for v in m["likelihood_accuracy"])
+
+
+def test_eval_launcher_names_a_missing_model_folder(tmp_path, capsys):
+    assert _eval_launcher().main(["--model", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_resolve_run_finds_export_and_config(tmp_path):
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "config.yaml").write_text("{}")
+    assert resolve_run(run) == (run / "export", run / "config.yaml")
+    assert resolve_run(run / "export") == (run / "export", run / "config.yaml")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert resolve_run(bare) == (bare, None)
+    (tmp_path / "noexport").mkdir()
+    (tmp_path / "noexport" / "config.yaml").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="without export"):
+        resolve_run(tmp_path / "noexport")
+
+
+def test_report_flattens_and_formats():
+    report = EvalReport(objectives=["a", "b"], metrics={"accuracy": [0.5, 0.75]})
+    assert report.flat() == {"accuracy/a": 0.5, "accuracy/b": 0.75}
+    assert "0.7500" in format_report(report)
