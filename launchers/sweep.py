@@ -23,12 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raco_ds.pareto.grid import parse_weights  # noqa: E402
 from raco_ds.pareto.sweep import SweepConfig, SweepResult, run_sweep  # noqa: E402
-from raco_ds.trainer.config import _field_docs  # noqa: E402  (field docstrings -> --help)
+from raco_ds.trainer.config import field_docs  # noqa: E402  (field docstrings -> --help)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line; each option's help is its SweepConfig field docstring."""
-    docs = _field_docs(SweepConfig)
+    docs = field_docs(SweepConfig)
     default = SweepConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", default=default.output_dir, help=docs["output_dir"])

@@ -17,32 +17,21 @@ See docs/megatron.md.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
-import itertools
 import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from raco_ds.megatron.train import MegatronTrainConfig, train
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each dataclass field (the ``--help`` text)."""
-    docs, body = {}, ast.parse(inspect.getsource(cls)).body[0].body
-    for node, after in itertools.pairwise(body):
-        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
-            docs[node.target.id] = str(after.value.value)
-    return docs
+from raco_ds.megatron.train import MegatronTrainConfig, train  # noqa: E402
+from raco_ds.trainer.config import field_docs  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> MegatronTrainConfig:
     """``--field-name value`` for every config field (booleans: ``--flag`` / ``--no-flag``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    docs = _field_docs(MegatronTrainConfig)
+    docs = field_docs(MegatronTrainConfig)
     for f in dataclasses.fields(MegatronTrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{docs.get(f.name, '')} (default: {f.default})"

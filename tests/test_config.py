@@ -12,7 +12,7 @@ from raco_ds.trainer.config import (
     PRESETS,
     ConfigError,
     TrainConfig,
-    _field_docs,
+    field_docs,
     _flat_fields,
     config_from_dict,
     help_text,
@@ -129,7 +129,7 @@ def test_every_field_has_a_docstring_and_appears_in_help():
         f.default_factory().__class__ for f in dataclasses.fields(TrainConfig) if f.name != "ds_config"
     ]
     for cls in sections:
-        docs = _field_docs(cls)
+        docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in docs]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
     text = help_text()

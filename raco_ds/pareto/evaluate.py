@@ -222,9 +222,9 @@ class HeldOutEvaluator:
 
 def _build_dataset(cfg: Any, tokenizer: Any) -> Any:
     """The run's tokenised dataset and collator, built by the trainer's own code (rank 0 of 1)."""
-    from raco_ds.trainer.loop import _build_data
+    from raco_ds.trainer.loop import build_data
 
-    dataset, collator, _split, _streams = _build_data(cfg, tokenizer, 0, 1)
+    dataset, collator, _split, _streams = build_data(cfg, tokenizer, 0, 1)
     return dataset, collator
 
 

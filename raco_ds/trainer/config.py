@@ -525,7 +525,7 @@ def load_config(path: str | Path) -> TrainConfig:
 
 
 @functools.cache
-def _field_docs(cls: type) -> dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """Docstrings written under each field of a dataclass (torchtitan-style), by field name."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
@@ -543,7 +543,7 @@ def _field_docs(cls: type) -> dict[str, str]:
 def _flat_fields(cls: type = TrainConfig, prefix: str = "") -> dict[str, tuple[Any, str, Any]]:
     """Every leaf option: dotted name -> (type, docstring, default)."""
     out: dict[str, tuple[Any, str, Any]] = {}
-    hints, docs = _hints(cls), _field_docs(cls)
+    hints, docs = _hints(cls), field_docs(cls)
     defaults = {f.name: f for f in dataclasses.fields(cls)}
     for name, tp in hints.items():
         if _is_section(tp):

@@ -242,7 +242,8 @@ class _Run:
         return self.losses_from_logits(batch, logits)[0]
 
 
-def _build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
+def build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
+    """Load, tokenise and split the run's data; return (dataset, collator, split, per-rank batch streams)."""
     from raco_ds.data.batch import PreferenceCollator
     from raco_ds.data.loading import load_preference_data
     from raco_ds.data.objectives import PRESETS as DATA_PRESETS
@@ -301,7 +302,7 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, out: P
         cfg.model.name_or_path, dtype=cfg.model.dtype, gradient_checkpointing=cfg.model.gradient_checkpointing
     )
     trainable, total = freeze_bottom(model, cfg)
-    dataset, collator, split, streams = _build_data(cfg, tokenizer, rank, world)
+    dataset, collator, split, streams = build_data(cfg, tokenizer, rank, world)
 
     hidden = getattr(model.config, "hidden_size", None)
     ds_config = fill_ds_config(raw_ds, cfg, world_size=world, hidden_size=hidden, name=ds_name)
