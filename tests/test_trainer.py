@@ -173,51 +173,51 @@ def tiny_data():
 
 
 def test_split_is_seeded_and_disjoint(tiny_data):
-    from raco_ds.trainer.loop import _build_data
+    from raco_ds.trainer.loop import build_data
 
     cfg, tokenizer = tiny_data
-    _, _, split, _ = _build_data(cfg, tokenizer, rank=0, world=1)
-    _, _, again, _ = _build_data(cfg, tokenizer, rank=0, world=2)
+    _, _, split, _ = build_data(cfg, tokenizer, rank=0, world=1)
+    _, _, again, _ = build_data(cfg, tokenizer, rank=0, world=2)
     assert split.eval_indices == again.eval_indices and split.train_pools == again.train_pools
     assert len(split.eval_indices) == 8 and len(split.train_pools[0]) == 40
     assert not set(split.eval_indices) & set(split.train_pools[0])
 
 
 def test_stream_resumes_at_the_same_pair(tiny_data):
-    from raco_ds.trainer.loop import _build_data
+    from raco_ds.trainer.loop import build_data
 
     cfg, tokenizer = tiny_data
-    _, _, _, (stream,) = _build_data(cfg, tokenizer, rank=1, world=2)
+    _, _, _, (stream,) = build_data(cfg, tokenizer, rank=1, world=2)
     seen = [stream.next().pair_index.tolist() for _ in range(7)]  # crosses an epoch (40 / (2*4) = 5 per epoch)
-    _, _, _, (fresh,) = _build_data(cfg, tokenizer, rank=1, world=2)
+    _, _, _, (fresh,) = build_data(cfg, tokenizer, rank=1, world=2)
     for _ in range(3):
         fresh.next()
     position = fresh.state_dict()
-    _, _, _, (resumed,) = _build_data(cfg, tokenizer, rank=1, world=2)
+    _, _, _, (resumed,) = build_data(cfg, tokenizer, rank=1, world=2)
     resumed.load_state_dict(position)
     assert [resumed.next().pair_index.tolist() for _ in range(4)] == seen[3:]
     assert position == {"epoch": 0, "taken": 3} and resumed.state_dict() == {"epoch": 1, "taken": 2}
 
 
 def test_rejects_too_little_data(tiny_data):
-    from raco_ds.trainer.loop import _build_data
+    from raco_ds.trainer.loop import build_data
 
     _, tokenizer = tiny_data
     bad = parse_args(["--preset", "tiny", "--data.num_eval_pairs", "400"])
     with pytest.raises(ConfigError, match="data.num_eval_pairs=400 leaves none to train on"):
-        _build_data(bad, tokenizer, rank=0, world=1)
+        build_data(bad, tokenizer, rank=0, world=1)
     bad = parse_args(["--preset", "tiny", "--data.num_train_pairs", "4", "--optimisation.micro_batch_size", "4"])
     with pytest.raises(ConfigError, match="raise --data.num_train_pairs or lower the batch size"):
-        _build_data(bad, tokenizer, rank=0, world=2)
+        build_data(bad, tokenizer, rank=0, world=2)
 
 
 def test_rejects_objectives_the_data_does_not_have(tiny_data):
-    from raco_ds.trainer.loop import _build_data
+    from raco_ds.trainer.loop import build_data
 
     _, tokenizer = tiny_data
     bad = parse_args(["--preset", "tiny", "--objectives", "helpful,honest"])
     with pytest.raises(ConfigError, match="pass --objectives helpful,harmless"):
-        _build_data(bad, tokenizer, rank=0, world=1)
+        build_data(bad, tokenizer, rank=0, world=1)
 
 
 # ---------------------------------------------------------------------------
@@ -226,10 +226,10 @@ def test_rejects_objectives_the_data_does_not_have(tiny_data):
 
 def test_evaluate_metrics_from_scores(tiny_data):
     from raco_ds.trainer.eval import PairScores, evaluate
-    from raco_ds.trainer.loop import _build_data
+    from raco_ds.trainer.loop import build_data
 
     cfg, tokenizer = tiny_data
-    dataset, _, split, _ = _build_data(cfg, tokenizer, rank=0, world=1)
+    dataset, _, split, _ = build_data(cfg, tokenizer, rank=0, world=1)
     n = len(dataset)
     lengths = torch.full((n, 2), 4, dtype=torch.long)
     reference = PairScores(torch.full((n, 2), -10.0, dtype=torch.float64), lengths)
