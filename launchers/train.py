@@ -55,4 +55,14 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    # Everything is written and the process groups are destroyed. Skip interpreter
+    # finalization: gloo worker threads can still hold DeepSpeed's async work there and
+    # abort the process ("terminate called without an active exception", pytorch#190489),
+    # turning a finished run into exit 250 intermittently on CPU ranks.
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
