@@ -122,25 +122,23 @@ Rule = Callable[[nn.Module, str, torch.Tensor, torch.Tensor, DeviceCoefficients,
 """rule(module, name, input, output_grad, coefficients, wanted) -> {param name in wanted: (K, *shape)}."""
 
 
-def _linear(module: nn.Module, name: str, x: torch.Tensor, g: torch.Tensor, dc: DeviceCoefficients, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
+def _affine(x: torch.Tensor, g: torch.Tensor, name: str, dc: DeviceCoefficients, wanted: frozenset[str], weight_is_out_in: bool) -> dict[str, torch.Tensor]:
+    # nn.Linear stores W as (Dout, Din); transformers' Conv1D (GPT-2) as (Din, Dout).
     _rows_first(name, x, dc)
     out: dict[str, torch.Tensor] = {}
     if "weight" in wanted:
-        out["weight"] = _outer_by_group(g, x, dc)
+        out["weight"] = _outer_by_group(g, x, dc) if weight_is_out_in else _outer_by_group(x, g, dc)
     if "bias" in wanted:
         out["bias"] = dc.per_row(_row_sums(g).reshape(dc.num_rows, -1))
     return out
+
+
+def _linear(module: nn.Module, name: str, x: torch.Tensor, g: torch.Tensor, dc: DeviceCoefficients, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
+    return _affine(x, g, name, dc, wanted, weight_is_out_in=True)
 
 
 def _conv1d(module: nn.Module, name: str, x: torch.Tensor, g: torch.Tensor, dc: DeviceCoefficients, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
-    # transformers' Conv1D (GPT-2): y = x @ W + b with W stored (Din, Dout).
-    _rows_first(name, x, dc)
-    out: dict[str, torch.Tensor] = {}
-    if "weight" in wanted:
-        out["weight"] = _outer_by_group(x, g, dc)
-    if "bias" in wanted:
-        out["bias"] = dc.per_row(_row_sums(g).reshape(dc.num_rows, -1))
-    return out
+    return _affine(x, g, name, dc, wanted, weight_is_out_in=False)
 
 
 def _embedding(module: nn.Module, name: str, ids: torch.Tensor, g: torch.Tensor, dc: DeviceCoefficients, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
