@@ -445,7 +445,9 @@ class Steps:
 
         if self.onepass is None:
             self.onepass_hook = RacoHook(self.engine, self.weights, aggregator="raco", c=0.4)
-            self.onepass = DeepSpeedOnePass(self.engine, self.k, self.onepass_hook.shard_layout)
+            self.onepass_rows = self.onepass_hook.capture_rows()
+            self.onepass = DeepSpeedOnePass(self.engine, self.k, self.onepass_hook.shard_layout,
+                                            shard_buffer=self.onepass_rows)
         adapter, hook, data, c = self.onepass, self.onepass_hook, self.data, self.clock
         t0 = c()
         with self.counter.counting("passes"):
@@ -456,7 +458,7 @@ class Steps:
                 adapter.backward(logps.sum(), coefficients_from_losses(logps, losses))
         t1 = c()
         with self.counter.counting("scatter"):
-            adapter.scatter_into(hook.shard_buffer)
+            adapter.scatter_into(self.onepass_rows)
             hook.mark_captured()
         t2 = c()
         with self.counter.counting("hook"):

@@ -28,7 +28,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_entry(rank: int, world_size: int, port: int, out_dir: str, body: Callable, args: tuple) -> None:
+def _rank_entry(rank: int, world_size: int, port: int, out_dir: str, backend: str, body: Callable, args: tuple) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -42,7 +42,9 @@ def _rank_entry(rank: int, world_size: int, port: int, out_dir: str, body: Calla
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    if backend == "nccl":  # one GPU per rank; NCCL collectives run on the current device
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
     result = body(rank, world_size, *args)  # an exception here fails the test with this rank's traceback
     Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     dist.barrier()
@@ -54,8 +56,11 @@ def _rank_entry(rank: int, world_size: int, port: int, out_dir: str, body: Calla
     os._exit(0)
 
 
-def run_ranks(body: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
-    """Run ``body(rank, world_size, *args)`` on ``world_size`` gloo ranks; return each rank's result."""
+def run_ranks(body: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo") -> list[Any]:
+    """Run ``body(rank, world_size, *args)`` on ``world_size`` ranks; return each rank's result.
+
+    ``backend`` is the process group's: "gloo" (CPU, the tests) or "nccl" (rank r on GPU r, benchmarks).
+    """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_entry, args=(world_size, free_port(), out_dir, body, args), nprocs=world_size, join=True)
+        mp.spawn(_rank_entry, args=(world_size, free_port(), out_dir, backend, body, args), nprocs=world_size, join=True)
         return [pickle.loads(Path(out_dir, f"rank{r}.pkl").read_bytes()) for r in range(world_size)]

@@ -377,6 +377,40 @@ def test_row_coefficients_grouping() -> None:
         RowCoefficients.from_matrix(torch.tensor([[float("nan")]]))
 
 
+def _linear_weight_cases() -> list[tuple[str, torch.Tensor]]:
+    """(K, R) coefficient matrices covering every path of the Linear weight rule."""
+    gen = torch.Generator().manual_seed(3)
+    r = 12
+    scattered = torch.zeros(2, r, dtype=torch.float64)
+    scattered[0, ::2], scattered[1, 1::2] = 1.0, 1.0  # sole groups in 6 runs each: gathered rows
+    scaled = scattered * torch.rand(2, r, generator=gen, dtype=torch.float64)  # ... with row scales
+    blocks = torch.zeros(3, r, dtype=torch.float64)
+    blocks[0, :4], blocks[1, 4:8], blocks[2, 8:] = 0.5, 1.0, 2.0  # contiguous runs: views
+    pairs = torch.randn(3, r // 2, generator=gen, dtype=torch.float64)
+    shared = torch.cat([pairs, pairs], 1)  # equal-size shared groups: batched products
+    mixed = shared.clone()
+    mixed[1:, 0] = mixed[1:, 6] = 0.0  # one pair scored by objective 0 only: a sole group next to shared ones
+    mixed[:, 1] = 0.0  # a row no objective scores
+    uneven = torch.randn(2, r, generator=gen, dtype=torch.float64)  # shared groups of one row: per-group loop
+    uneven[:, 3] = uneven[:, 4] * 2.0  # ... and one of two rows
+    return [("scattered", scattered), ("scaled", scaled), ("blocks", blocks), ("shared", shared),
+            ("mixed", mixed), ("uneven", uneven)]
+
+
+@pytest.mark.parametrize("name,c", _linear_weight_cases(), ids=[n for n, _ in _linear_weight_cases()])
+def test_linear_weight_rule_matches_per_row_sum(name: str, c: torch.Tensor, monkeypatch) -> None:
+    """G_k = sum_r C[k, r] g_r^T x_r on every path: views, gathers, scales, batched and per-group products."""
+    from raco_ds.onepass import _rules
+
+    monkeypatch.setattr(_rules, "_GROUP_CHUNK_BYTES", 2 * 5 * 7 * 4)  # two products per chunk: chunking too
+    gen = torch.Generator().manual_seed(4)
+    g, x = torch.randn(c.shape[1], 3, 5, generator=gen), torch.randn(c.shape[1], 3, 7, generator=gen)
+    dc = _rules.DeviceCoefficients.build(RowCoefficients.from_matrix(c), torch.device("cpu"))
+    got = _rules._outer_by_group(g, x, dc)
+    expect = torch.einsum("kr,rto,rti->koi", c, g.double(), x.double())
+    assert (got.double() - expect).abs().max().item() <= 1e-5 * expect.abs().max().item(), name
+
+
 # ---------------------------------------------------------------------------------------------
 # Streaming: each parameter handed to a sink as soon as complete in the backward.
 

@@ -240,8 +240,10 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
     eng_k, eng_1 = engine(), engine()
     hook_k = RacoHook(eng_k, weights, aggregator="raco", c=0.4)
     hook_1 = RacoHook(eng_1, weights, aggregator="raco", c=0.4)
-    # Bound to the hook's buffer: the backward streams straight into it, scatter_into only finalises.
-    onepass = DeepSpeedOnePass(eng_1, k, hook_1.shard_layout, shard_buffer=hook_1.shard_buffer)
+    # Bound to the hook's rows (ZeRO-3 fp32: K-1 of its own + DeepSpeed's flat gradient buffer): the
+    # backward streams straight into them, scatter_into only finalises.
+    rows = hook_1.capture_rows()
+    onepass = DeepSpeedOnePass(eng_1, k, hook_1.shard_layout, shard_buffer=rows)
     coef_diff = gram_rel = 0.0
     for step in range(steps):
         data, labels = _rank_data(rank + 7 * step, shape, k)
@@ -258,7 +260,7 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
         # One pass through the seam.
         onepass.zero()
         t.onepass_grads(eng_1.module, data, labels, shape, cap=onepass.capture, scale=onepass.scale)
-        onepass.scatter_into(hook_1.shard_buffer)
+        onepass.scatter_into(rows)
         hook_1.mark_captured()
         stats_1 = hook_1.step(before_engine_step=onepass.finish_engine_backward)
         coef_diff = max(coef_diff, (stats_1.coefficients - stats_k.coefficients).abs().max().item())
@@ -276,6 +278,7 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
         worst = max(worst, ((a - c).norm() / c.norm().clamp_min(1e-12)).item())
     return {"coef_diff": coef_diff, "gram_rel": gram_rel, "param_rel": worst,
             "steps": (eng_1.global_steps, eng_k.global_steps),
+            "hook_rows": hook_1.buffer_bytes // (4 * hook_1.shard_layout.numel),
             "lr": (eng_1.get_lr()[0], eng_k.get_lr()[0])}
 
 
@@ -311,6 +314,10 @@ def test_onepass_through_raco_hook_matches_kpass_hook() -> None:
             assert r["gram_rel"] <= 1e-5 and r["coef_diff"] <= 1e-5, (case, r)
             assert r["param_rel"] <= (1e-6 if case[3] == "sgd" else 5e-6), (case, r)  # Adam amplifies rounding
         assert r["steps"] == (2, 2) and r["lr"][0] == r["lr"][1], (case, r)
+        # ZeRO-3 (its flat gradient buffer is fp32, bf16 runs included): the last objective is streamed
+        # into DeepSpeed's own buffer, so the hook holds K-1 shards as with K passes; ZeRO-1/2 all K.
+        k = case[2]
+        assert r["hook_rows"] == (k - 1 if case[0] == 3 else k), (case, r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +443,11 @@ def _bucket_paths_case(rank: int, world: int, stage: int, bucket_numel: int, k: 
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                       config=_ds_config(stage))
     adapter = DeepSpeedOnePass(engine, k, bucket_numel=bucket_numel)
+    # A step abandoned half-way (one parameter handed over, the backward never finished): zero() must
+    # wait for what is in flight and forget what is staged, or it would leak into the next step.
+    first = adapter.capture.parameters[0][1]
+    adapter.scatter.on_final(first, 0, torch.full((k, adapter.capture.numel(first)), 1e3))
+    adapter.zero()
     out = torch.zeros(k, adapter.layout.numel)
     data, labels = _rank_data(rank, "shared", k)
     t.onepass_grads(engine.module, data, labels, "shared", cap=adapter.capture, scale=adapter.scale)
@@ -473,7 +485,8 @@ def test_streaming_memory_and_order_guard() -> None:
             print(f"rank {rank}: {m}")
             assert m["streaming_vs_old"] <= 1e-6, m
             assert m["old_peak"] >= m["full_bytes"], m  # the old path held K full gradients
-            # Transient: the tied-free model's largest parameter (embedding or lm_head), one bucket and
-            # its staging copy; the K full gradients are more than 4x that here.
+            # Transient: the tied-free model's largest parameter (embedding or lm_head) in the capture;
+            # in the scatter one bucket filling and one in flight with its (K, bucket/world) output
+            # (max_in_flight = 1); the K full gradients are more than 4x that here.
             assert m["new_peak"] <= 2 * (m["largest_param_bytes"] + m["bucket_bytes"]), m
             assert m["new_peak"] * 4 < m["full_bytes"], m

@@ -40,10 +40,11 @@ breaks ZeRO-3's parameter re-gathering (HOOKS.md), so there
 :meth:`RacoHook.backward_shared` takes a callable and runs the forward once per
 objective (logged once). ZeRO 0-2 run one forward and K backwards.
 
-Capture seam: :attr:`RacoHook.shard_buffer` (K, shard_numel) and
-:attr:`RacoHook.shard_layout` (per-parameter slices, see shards.py) are all a
-one-pass capture needs; it fills every row, calls :meth:`RacoHook.mark_captured`,
-then ``hook.step(before_engine_step=...)``.
+Capture seam: :meth:`RacoHook.capture_rows` (K shard rows, the last one
+DeepSpeed's own buffer where it can be) and :attr:`RacoHook.shard_layout`
+(per-parameter slices, see shards.py) are all a one-pass capture needs; it fills
+every row, calls :meth:`RacoHook.mark_captured`, then
+``hook.step(before_engine_step=...)``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -142,6 +142,17 @@ class RacoHook:
         """
         return self._rows.ensure_full()
 
+    def capture_rows(self) -> list[torch.Tensor]:
+        """K 1-D fp32 rows (row k = objective k's shard) for an external (one-pass) capture to fill.
+
+        Where DeepSpeed keeps the rank's shard as one flat fp32 buffer (ZeRO-3) and the
+        last objective may stay there (fp32 accumulation), the last row IS that buffer
+        and the hook adds (K-1) x shard, as with K passes; otherwise these are the rows
+        of :attr:`shard_buffer` (K x shard). Call between steps; the same rows serve
+        every step.
+        """
+        return self._rows.capture_rows()
+
     @property
     def buffer_bytes(self) -> int:
         """Bytes the hook holds for per-objective shards on this rank."""
@@ -149,8 +160,8 @@ class RacoHook:
         return buffer.numel() * buffer.element_size()
 
     def mark_captured(self) -> None:
-        """Declare every row of :attr:`shard_buffer` filled by an external capture (one-pass), ready for step()."""
-        self._rows.mark_all_in_buffer()
+        """Declare every row of :meth:`capture_rows` (or :attr:`shard_buffer`) filled by an external capture, ready for step()."""
+        self._rows.mark_captured()
         self._micro_batches = [self.layout.gradient_accumulation_steps] * self.num_objectives
 
     def discard_step(self) -> None:

@@ -11,7 +11,11 @@ Where that is not possible the hook keeps all K rows (K x shard):
 - the engine accumulates in bf16 (an in-place combination would round to bf16);
 - shared-pair data with several micro-batches (every objective's later
   micro-batches need the engine's buffer cleared);
-- an external capture asked for the full (K, shard) buffer (one-pass capture).
+- an external capture asked for the full (K, shard) buffer (``shard_buffer``).
+
+An external (one-pass) capture that asks for :meth:`ShardRows.capture_rows`
+instead fills K-1 rows of the buffer and the engine's own flat shard, where
+the engine keeps its shard as one flat buffer (ZeRO-3), so it too adds (K-1) shards.
 
 The Gram over rows plus engine buffer is formed chunk by chunk through a small
 (K, chunk) staging tensor, so there is never a K x shard float64 (or fp32) copy.
@@ -44,6 +48,7 @@ class ShardRows:
         self.buffer = torch.zeros(rows, shard.numel, dtype=torch.float32, device=shard.device)
         self.row_of: dict[int, int] = {}
         self.in_engine: int | None = None
+        self._external_last_in_engine = False  # capture_rows() handed out the engine's shard as the last row
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     @property
@@ -59,7 +64,29 @@ class ShardRows:
             self.buffer = torch.zeros(
                 self.num_objectives, self.buffer.shape[1], dtype=self.buffer.dtype, device=self.buffer.device
             )
+        self._external_last_in_engine = False
         return self.buffer
+
+    def capture_rows(self) -> list[torch.Tensor]:
+        """K 1-D fp32 rows for an external capture (row k = objective k); allowed only between steps.
+
+        The last row is the engine's own flat shard when the last objective may stay in the
+        engine and the engine keeps its shard as one flat fp32 buffer; otherwise the buffer
+        grows to K rows. Fill every row, then :meth:`mark_captured`.
+        """
+        if self.row_of or self.in_engine is not None:
+            raise RuntimeError("the hook's shard rows cannot be handed to a capture in the middle of a step")
+        engine = self._engine_flat_shard()
+        if self.keep_last_in_engine and not self.full and engine is not None:
+            self._external_last_in_engine = True
+            return [*self.buffer, engine]
+        return list(self.ensure_full())
+
+    def _engine_flat_shard(self) -> torch.Tensor | None:
+        flat = self.strategy.flat_engine_shard()
+        if flat is None or flat.numel() != self.buffer.shape[1] or flat.device != self.buffer.device:
+            return None
+        return flat.view(-1)
 
     def can_stay_in_engine(self) -> bool:
         """True when the objective being finished now may stay in the engine's buffer (it is the last)."""
@@ -80,8 +107,13 @@ class ShardRows:
         self.row_of.clear()
         self.in_engine = None
 
-    def mark_all_in_buffer(self) -> None:
-        """An external capture filled every row of the full buffer."""
+    def mark_captured(self) -> None:
+        """An external capture filled every row it was given (:meth:`capture_rows` or the full buffer)."""
+        if self._external_last_in_engine and not self.full:
+            last = self.num_objectives - 1
+            self.row_of = {k: k for k in range(last)}
+            self.in_engine = last
+            return
         self.ensure_full()
         self.row_of = {k: k for k in range(self.num_objectives)}
         self.in_engine = None

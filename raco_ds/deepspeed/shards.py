@@ -162,6 +162,13 @@ class ShardStrategy(abc.ABC):
         """The engine's current shard as tensors that concatenate to it (views into DeepSpeed's buffers)."""
         return self._pieces()
 
+    def flat_engine_shard(self) -> torch.Tensor | None:
+        """The engine's shard as one persistent flat fp32 tensor an external capture may fill, or None.
+
+        None where the engine keeps its gradient as per-step lists (ZeRO-0/1/2) or in another dtype.
+        """
+        return None
+
     def combine_in_place(self, own: float, others: list[tuple[float, torch.Tensor]]) -> None:
         """Turn the engine's shard g (the last objective, never copied out) into own*g + sum a_k S[k], in place.
 
@@ -412,6 +419,10 @@ class Zero3(ShardStrategy):
 
     def _pieces(self) -> list[torch.Tensor]:
         return [self.optimizer.grad_partitions_flat_buffer]
+
+    def flat_engine_shard(self) -> torch.Tensor | None:
+        flat = self.optimizer.grad_partitions_flat_buffer
+        return flat if flat.dtype == torch.float32 and flat.is_contiguous() else None
 
     def clear(self) -> None:
         opt = self.optimizer

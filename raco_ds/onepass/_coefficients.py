@@ -23,8 +23,24 @@ __all__ = [
 ]
 
 
+class CoefficientShape:
+    """K and R of anything holding a (K, R) coefficient ``matrix``."""
+
+    matrix: torch.Tensor
+
+    @property
+    def num_objectives(self) -> int:
+        """K."""
+        return self.matrix.shape[0]
+
+    @property
+    def num_rows(self) -> int:
+        """R."""
+        return self.matrix.shape[1]
+
+
 @dataclass(frozen=True)
-class RowCoefficients:
+class RowCoefficients(CoefficientShape):
     """A (K, R) row-coefficient matrix and its grouping into parallel columns.
 
     Column r of ``matrix`` equals ``row_scale[r] * directions[:, row_group[r]]``;
@@ -42,16 +58,6 @@ class RowCoefficients:
     """(K, J) float64: one coefficient direction per group."""
     group_rows: tuple[torch.Tensor, ...]
     """J index tensors: the rows of each group."""
-
-    @property
-    def num_objectives(self) -> int:
-        """K."""
-        return self.matrix.shape[0]
-
-    @property
-    def num_rows(self) -> int:
-        """R."""
-        return self.matrix.shape[1]
 
     @property
     def num_groups(self) -> int:

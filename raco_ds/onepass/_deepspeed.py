@@ -24,7 +24,10 @@ from ._capture import OnePassCapture
 from ._coefficients import RowCoefficients
 from ._zero import (
     _BUCKET_NUMEL,
+    _MAX_IN_FLIGHT,
+    ShardRowsLike,
     ShardScatter,
+    as_shard_rows,
     finish_engine_backward,
     make_shard_scatter,
 )
@@ -54,15 +57,21 @@ class DeepSpeedOnePass:
         num_objectives: K.
         shard_layout: the hook's ``ShardLayout`` (``raco_ds.deepspeed.shards``); built from the
             engine when omitted.
-        shard_buffer: the (K, shard_numel) buffer the backward streams into (``hook.shard_buffer``).
+        shard_buffer: where the backward streams the K shards: ``hook.capture_rows()`` (K-1 rows of
+            the hook's buffer and DeepSpeed's own gradient buffer: the hook then adds (K-1) x shard,
+            as with K passes), or any (K, shard_numel) tensor such as ``hook.shard_buffer``.
             Optional: without it the adapter keeps its own K shard rows and ``scatter_into`` copies
-            them out (one extra K x shard transient); binding the hook's buffer avoids that.
+            them out (one extra K x shard transient).
         bucket_numel: full-parameter elements per objective per collective (memory vs. number of
-            collectives: a rank holds about K x (this + the largest parameter) of full-size gradients).
+            collectives: a rank holds about K x ((max_in_flight + 1) x this + the largest parameter)
+            of full-size gradients).
+        max_in_flight: reductions that may run asynchronously while the backward goes on (on NCCL
+            they overlap its compute); each costs one bucket's staging. 0: every reduction waits.
 
     Per optimizer step::
 
-        onepass = DeepSpeedOnePass(engine, K, hook.shard_layout, shard_buffer=hook.shard_buffer)  # once
+        rows = hook.capture_rows()                              # once: K shard rows
+        onepass = DeepSpeedOnePass(engine, K, hook.shard_layout, shard_buffer=rows)  # once
         onepass.zero()
         for micro_batch in micro_batches:                       # gradient_accumulation_steps of them
             with onepass.record():
@@ -70,7 +79,7 @@ class DeepSpeedOnePass:
                 ...compute the seed and the (K, R) row coefficients...
                 onepass.backward(seed, coefficients)            # streams each parameter's K gradients
                                                                 # into the shard buffer as it completes
-        onepass.scatter_into(hook.shard_buffer)                 # finaliser: order check, engine epilogue
+        onepass.scatter_into(rows)                              # finaliser: order check, engine epilogue
         hook.mark_captured(); hook.step()                       # Gram -> solve -> write -> engine.step()
 
     During the backward each parameter's (K, numel) gradients are reduced
@@ -87,8 +96,8 @@ class DeepSpeedOnePass:
     autograd to produce. ZeRO-3 parameter gathering is per module and is unaffected.
     """
 
-    def __init__(self, engine, num_objectives: int, shard_layout=None, *, shard_buffer: torch.Tensor | None = None,
-                 bucket_numel: int = _BUCKET_NUMEL) -> None:
+    def __init__(self, engine, num_objectives: int, shard_layout=None, *, shard_buffer: ShardRowsLike | None = None,
+                 bucket_numel: int = _BUCKET_NUMEL, max_in_flight: int = _MAX_IN_FLIGHT) -> None:
         reason = onepass_unsupported_reason(engine)
         if reason is not None:
             raise ValueError(f"one-pass capture cannot run on this engine: {reason}")
@@ -100,12 +109,13 @@ class DeepSpeedOnePass:
         self.engine = engine
         self.layout = shard_layout
         self.capture = OnePassCapture(engine.module, num_objectives)
-        self.scatter: ShardScatter = make_shard_scatter(engine, self.capture, shard_layout, bucket_numel=bucket_numel)
+        self.scatter: ShardScatter = make_shard_scatter(engine, self.capture, shard_layout, bucket_numel=bucket_numel,
+                                                          max_in_flight=max_in_flight)
         self.scatter.target_factory = self._new_target
         self.capture.stream_to(self.scatter)
         self.scale = 1.0 / float(engine.gradient_accumulation_steps())
         self.shard_buffer = shard_buffer
-        """The bound (K, shard_numel) target, or None (the adapter's own rows are used)."""
+        """The bound target (a (K, shard_numel) tensor or K rows), or None (the adapter's own rows are used)."""
 
     @property
     def num_objectives(self) -> int:
@@ -122,11 +132,11 @@ class DeepSpeedOnePass:
         """The model's forward (``engine.module``), to be called inside :meth:`record`."""
         return self.engine.module(*args, **kwargs)
 
-    def _new_target(self) -> tuple[torch.Tensor, bool]:
+    def _new_target(self) -> tuple[ShardRowsLike, bool]:
         # The step's first backward binds (and zeroes) the target; later micro-batches add into it.
         if self.shard_buffer is not None:
             return self.shard_buffer, False
-        return torch.zeros(self.num_objectives, self.layout.numel, dtype=torch.float32, device=self.layout.device), True
+        return torch.empty(self.num_objectives, self.layout.numel, dtype=torch.float32, device=self.layout.device), False
 
     def backward(self, seed: torch.Tensor, coefficients: torch.Tensor | RowCoefficients) -> None:
         """Backward of ``seed`` with (K, R) row coefficients, scaled like ``engine.backward`` (1/accumulation steps).
@@ -135,7 +145,7 @@ class DeepSpeedOnePass:
         """
         self.capture.backward(seed, coefficients, self.scale)
 
-    def scatter_into(self, out: torch.Tensor, *, accumulate: bool = False) -> None:
+    def scatter_into(self, out: ShardRowsLike, *, accumulate: bool = False) -> None:
         """Finish the step's capture: ``out`` (K, shard_numel) holds each objective's averaged shard afterwards.
 
         The reductions already happened during the backwards. This checks that every
@@ -148,17 +158,21 @@ class DeepSpeedOnePass:
         """
         target = self.scatter.target
         self.scatter.check_order()
+        rows = as_shard_rows(out, self.num_objectives, self.layout.numel)
         if target is None:  # no backward since the last step: nothing was captured
             if not accumulate:
-                out.zero_()
-        elif _same_tensor(target, out):
+                for row in rows:
+                    row.zero_()
+        elif all(_same_tensor(a, b) for a, b in zip(target, rows)):
             if accumulate:
                 raise ValueError("scatter_into(accumulate=True) into the bound shard_buffer: it was zeroed by the "
                                  "step's first backward; bind another buffer or pass accumulate=False")
-        elif accumulate:
-            out.add_(target)
         else:
-            out.copy_(target)
+            for row, captured in zip(rows, target):
+                if accumulate:
+                    row.add_(captured)
+                else:
+                    row.copy_(captured)
         self.scatter.unbind()
         self.finish_engine_backward()
 
@@ -167,13 +181,12 @@ class DeepSpeedOnePass:
         the hook writes into, so this may run before or after the write-back)."""
         finish_engine_backward(self.engine)
 
-    def zero(self, shard_buffer: torch.Tensor | None = None) -> None:
+    def zero(self, shard_buffer: ShardRowsLike | None = None) -> None:
         """Start an optimizer step: drop what was captured so far; bind ``shard_buffer`` from now on if given."""
         if shard_buffer is not None:
             self.shard_buffer = shard_buffer
         self.capture.zero()
-        self.scatter.unbind()
-        self.scatter.check_order_reset()
+        self.scatter.discard()
 
     def remove(self) -> None:
         """Remove the capture hooks from the model."""

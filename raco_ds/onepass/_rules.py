@@ -17,47 +17,95 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._coefficients import RowCoefficients
+from ._coefficients import CoefficientShape, RowCoefficients
 
 __all__ = ["DeviceCoefficients", "Rule", "UnsupportedModuleError", "rule_for"]
 
-# Bound on the temporary (groups x Dout x Din) tensor of the batched Linear path.
-_GROUP_CHUNK_BYTES = 256 << 20
-
+# Bound on the temporary (groups x Dout x Din) products of one Linear weight (shared pairs): a chunk of
+# groups is multiplied at once only while it fits; a single group's product may exceed it (it is no
+# larger than one objective's gradient of that weight, which the capture holds K of anyway).
+_GROUP_CHUNK_BYTES = 32 << 20
 
 class UnsupportedModuleError(TypeError):
     """A module owns trainable parameters that one-pass capture cannot split by objective."""
 
 
+@dataclass(frozen=True)
+class _SoleGroup:
+    """Rows that only ``objective`` scores, each with coefficient ``direction * row_scale[r]``."""
+
+    objective: int
+    direction: float
+    rows: torch.Tensor  # row indices on the device
+    runs: tuple[tuple[int, int], ...] | None  # the rows as a few contiguous [start, stop) runs: views, no gather
+    unit_scale: bool  # every row_scale is 1 (0/1 membership): no scaled copy of the output gradient
+
+
+_MAX_RUNS = 4  # a sole group in at most this many contiguous runs is read through views
+
+
+def _contiguous_runs(rows: list[int]) -> tuple[tuple[int, int], ...] | None:
+    """``rows`` (sorted) as at most ``_MAX_RUNS`` [start, stop) runs, or None.
+
+    >>> _contiguous_runs([0, 1, 2, 5, 6])
+    ((0, 3), (5, 7))
+    """
+    runs: list[list[int]] = []
+    for r in rows:
+        if runs and r == runs[-1][1]:
+            runs[-1][1] = r + 1
+        else:
+            runs.append([r, r + 1])
+    return tuple((a, b) for a, b in runs) if len(runs) <= _MAX_RUNS else None
+
+
 @dataclass
-class DeviceCoefficients:
-    """:class:`RowCoefficients` moved to the compute device once per backward."""
+class DeviceCoefficients(CoefficientShape):
+    """:class:`RowCoefficients` moved to the compute device once per backward, split for the Linear rule.
+
+    Groups whose direction has one nonzero entry (every group of per-objective
+    rows; a shared pair that only one objective scores) are ``sole`` groups:
+    their product goes straight into that objective's gradient. The others are
+    ``shared`` groups (a pair that several objectives score), whose products are
+    folded into all K gradients by their directions.
+    """
 
     matrix: torch.Tensor  # (K, R) float32
     row_scale: torch.Tensor  # (R,) float32
-    directions: torch.Tensor  # (K, J) float32
-    group_rows: tuple[torch.Tensor, ...]
-    equal_groups: torch.Tensor | None  # (J, s) row indices when all groups have s rows, else None
+    sole: tuple[_SoleGroup, ...]
+    shared_rows: tuple[torch.Tensor, ...]
+    """Row indices per shared group."""
+    shared_directions: torch.Tensor  # (K, J_shared) float32
+    shared_equal: torch.Tensor | None
+    """(J_shared, s) row indices when every shared group has s rows (batched products), else None."""
 
     @classmethod
     def build(cls, rc: RowCoefficients, device: torch.device) -> DeviceCoefficients:
         """Move ``rc`` to ``device`` (fp32; the float64 originals stay on the host)."""
-        sizes = {len(rows) for rows in rc.group_rows}
+        directions = rc.directions.to(torch.float32)
+        sole, shared = [], []
+        for j, column in enumerate(directions.T):
+            nonzero = torch.nonzero(column).flatten().tolist()
+            if len(nonzero) == 1:
+                rows = rc.group_rows[j]
+                sole.append(_SoleGroup(
+                    objective=nonzero[0], direction=float(column[nonzero[0]]), rows=rows.to(device),
+                    runs=_contiguous_runs(rows.tolist()), unit_scale=bool((rc.row_scale[rows] == 1).all()),
+                ))  # fmt: skip
+            else:
+                shared.append(j)
+        shared_rows = tuple(rc.group_rows[j].to(device) for j in shared)
         equal = None
-        if len(sizes) == 1:
-            equal = torch.stack(list(rc.group_rows)).to(device)
+        if shared_rows and len({len(rows) for rows in shared_rows}) == 1:
+            equal = torch.stack(list(shared_rows))
         return cls(
             matrix=rc.matrix.to(device=device, dtype=torch.float32),
             row_scale=rc.row_scale.to(device=device, dtype=torch.float32),
-            directions=rc.directions.to(device=device, dtype=torch.float32),
-            group_rows=tuple(r.to(device) for r in rc.group_rows),
-            equal_groups=equal,
+            sole=tuple(sole),
+            shared_rows=shared_rows,
+            shared_directions=directions[:, shared].to(device),
+            shared_equal=equal,
         )
-
-    @property
-    def num_rows(self) -> int:
-        """R."""
-        return self.matrix.shape[1]
 
     def per_row(self, rows: torch.Tensor) -> torch.Tensor:
         """(K, n) = C @ rows for per-row sums ``rows`` (R, n): cheap parameters (biases, norms)."""
@@ -74,41 +122,53 @@ def _rows_first(module_name: str, t: torch.Tensor, dc: DeviceCoefficients) -> No
 
 
 def _outer_by_group(g: torch.Tensor, x: torch.Tensor, dc: DeviceCoefficients) -> torch.Tensor:
-    """(K, Dout, Din): sum_r C[k, r] * g_r^T x_r, one matmul per row group (rows of a group batched)."""
+    """(K, Dout, Din): sum_r C[k, r] * g_r^T x_r, one matmul per row group (the rows of a group batched).
+
+    The FLOPs of one dense weight gradient plus K x J x Dout x Din. A sole group
+    (one objective: per-objective rows) is multiplied straight into that
+    objective's slice; the shared groups' products (one per pair that several
+    objectives score) are formed at most ``_GROUP_CHUNK_BYTES`` at a time
+    (batched when they have equal sizes) and folded into all K slices with one
+    (K, chunk) x (chunk, Dout*Din) product.
+    """
     r = g.shape[0]
     d_out, d_in = g.shape[-1], x.shape[-1]
-    k = dc.directions.shape[0]
     g3, x3 = g.reshape(r, -1, d_out), x.reshape(r, -1, d_in)
     scale = dc.row_scale.to(g.dtype)
-    out: torch.Tensor | None = None
+    out = torch.zeros(dc.num_objectives, d_out, d_in, dtype=torch.float32, device=g.device)
 
-    def add(direction: torch.Tensor, prod: torch.Tensor) -> None:
-        nonlocal out
-        prod = prod.reshape(prod.shape[0], -1).to(torch.float32)
-        if out is None:
-            out = direction @ prod  # no zero-fill for the common single-chunk case
-        else:
-            out.addmm_(direction, prod)
+    def scaled(rows: torch.Tensor | slice) -> torch.Tensor:
+        return g3[rows] * scale[rows].view(-1, 1, 1)
 
-    if dc.equal_groups is not None and dc.equal_groups.numel():
-        idx = dc.equal_groups  # (J, s)
-        j, s = idx.shape
-        flat = idx.flatten()
-        gp = g3[flat]  # one gathered copy, scaled in place
-        gp.mul_(scale[flat].view(-1, 1, 1))
-        gp = gp.reshape(j, s * g3.shape[1], d_out)
-        xp = x3[flat].reshape(j, s * x3.shape[1], d_in)
-        step = max(1, _GROUP_CHUNK_BYTES // max(1, d_out * d_in * g.element_size()))
+    for group in dc.sole:
+        # Per-objective rows collated objective by objective are a few contiguous runs with unit
+        # scale: read them as views (no gathered or scaled copy of the activations).
+        pieces = [slice(a, b) for a, b in group.runs] if group.runs is not None else [group.rows]
+        for rows in pieces:
+            gr = (g3[rows] if group.unit_scale else scaled(rows)).reshape(-1, d_out)
+            xr = x3[rows].reshape(-1, d_in)
+            if gr.dtype == torch.float32:
+                out[group.objective].addmm_(gr.T, xr, alpha=group.direction)
+            else:  # bf16: the product in the compute dtype, accumulated in fp32
+                out[group.objective].add_((gr.T @ xr).to(torch.float32), alpha=group.direction)
+    if not dc.shared_rows:
+        return out
+    flat_out = out.view(dc.num_objectives, -1)
+    step = max(1, _GROUP_CHUNK_BYTES // max(1, d_out * d_in * g.element_size()))
+    if dc.shared_equal is not None:
+        j, s = dc.shared_equal.shape
         for lo in range(0, j, step):
             hi = min(j, lo + step)
-            add(dc.directions[:, lo:hi], torch.bmm(gp[lo:hi].transpose(1, 2), xp[lo:hi]))
-    else:
-        for j, rows in enumerate(dc.group_rows):
-            gr = g3[rows] * scale[rows].view(-1, 1, 1)
-            add(dc.directions[:, j : j + 1], (gr.reshape(-1, d_out).T @ x3[rows].reshape(-1, d_in)).unsqueeze(0))
-    if out is None:  # no row carries a coefficient
-        out = torch.zeros(k, d_out * d_in, dtype=torch.float32, device=g.device)
-    return out.view(k, d_out, d_in)
+            rows = dc.shared_equal[lo:hi].flatten()
+            gp = scaled(rows).reshape(hi - lo, s * g3.shape[1], d_out)
+            xp = x3[rows].reshape(hi - lo, s * x3.shape[1], d_in)
+            prod = torch.bmm(gp.transpose(1, 2), xp).reshape(hi - lo, -1).to(torch.float32)
+            flat_out.addmm_(dc.shared_directions[:, lo:hi], prod)
+        return out
+    for j, rows in enumerate(dc.shared_rows):
+        gr, xr = scaled(rows).reshape(-1, d_out), x3[rows].reshape(-1, d_in)
+        flat_out.addmm_(dc.shared_directions[:, j : j + 1], (gr.T @ xr).reshape(1, -1).to(torch.float32))
+    return out
 
 
 def _row_sums(t: torch.Tensor, keep: int = 1) -> torch.Tensor:

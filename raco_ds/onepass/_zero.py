@@ -5,9 +5,13 @@ ZeRO-3 nothing is gathered to form them. :class:`OnePassCapture` hands each
 parameter's (K, numel) gradients to a :class:`ShardScatter` as soon as they are
 complete in the backward (:meth:`OnePassCapture.stream_to`); the scatter
 reduces them, in buckets, straight into the rank's (K, shard_numel) buffer
-(adding across micro-batches) and frees them. So a rank holds at most about
-K x (one bucket + the largest parameter) of full-size gradients at a time, plus
-the K shard rows, never K full gradients.
+(adding across micro-batches) and frees them. The collectives are asynchronous:
+up to ``max_in_flight`` of them run while the backward goes on (on NCCL they
+overlap the backward's compute; gloo runs them on its own threads), and each is
+waited for, and its result added into the shard, before more are issued. So a
+rank holds at most about K x ((max_in_flight + 1) buckets + the largest
+parameter) of full-size gradients at a time, plus the K shard rows, never K full
+gradients.
 
 Layouts (DeepSpeed 0.19, HOOKS.md), and the collective each uses:
 
@@ -15,7 +19,8 @@ Layouts (DeepSpeed 0.19, HOOKS.md), and the collective each uses:
   ``[r * pn, (r + 1) * pn)``; the shard is the owned partitions back to back.
   A bucket is a (world, K, width) staging tensor, one ``reduce_scatter_tensor``;
   a parameter larger than a bucket goes alone (without a staging copy when it
-  needs no padding: one reduce-scatter per objective straight from its gradient).
+  needs no padding: one reduce-scatter per objective straight from its gradient,
+  into the shard itself when the step's target there is still zero).
 - ZeRO-1/2: each parameter group is one flat tensor (``round_robin_bit16_groups``
   order, padded at the end) split into ``world`` partitions of
   ``partition_size[i]``; a parameter may straddle partitions. Per bucket, each
@@ -30,6 +35,14 @@ parameters follow in registration order; :meth:`ShardScatter.check_order`
 
 Gradients are averaged over the data-parallel ranks, as DeepSpeed does, and
 reduced in fp32.
+
+Example (the streaming sink of a capture, normally built by ``DeepSpeedOnePass``)::
+
+    scatter = make_shard_scatter(engine, capture, hook.shard_layout)
+    capture.stream_to(scatter)
+    scatter.bind(hook.shard_buffer)        # zeroes it; later micro-batches add into it
+    ...capture.backward(...) per micro-batch...
+    scatter.check_order(); scatter.unbind()
 """
 
 from __future__ import annotations
@@ -38,22 +51,49 @@ import abc
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from ._capture import OnePassCapture
 
-__all__ = ["CollectiveOrderError", "ShardScatter", "finish_engine_backward", "make_shard_scatter"]
+__all__ = ["CollectiveOrderError", "ShardRowsLike", "ShardScatter", "as_shard_rows", "finish_engine_backward",
+           "make_shard_scatter"]
 
 logger = logging.getLogger(__name__)
 
 # Full-parameter elements (per objective) per collective. Bounds the transient full-size gradients a
-# rank holds at K x this (plus the largest parameter): 4M elements = 16 MiB per objective in fp32.
-_BUCKET_NUMEL = 1 << 22
+# rank holds at about K x 3 x this (plus the largest parameter): 1M elements = 4 MiB per objective in
+# fp32, 8-16 MB per collective at K = 2-4 (past the size where NCCL reaches full bandwidth).
+_BUCKET_NUMEL = 1 << 20
+_MAX_IN_FLIGHT = 1  # collectives issued and not yet waited for: overlap vs. staging memory
+# torch 2.13 renamed reduce_scatter_tensor (now a deprecated alias); older releases have only that name.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _HASH_MOD = (1 << 61) - 1  # a Mersenne prime: the order hash stays a positive int64
+
+
+ShardRowsLike = torch.Tensor | Sequence[torch.Tensor]
+"""Where the K shards go: a (K, shard_numel) tensor, or K separate 1-D tensors of shard_numel elements."""
+
+
+def as_shard_rows(out: ShardRowsLike, num_objectives: int, shard_numel: int) -> list[torch.Tensor]:
+    """``out`` as K 1-D row tensors (views), checked: K rows of ``shard_numel`` contiguous elements.
+
+    >>> [tuple(r.shape) for r in as_shard_rows(torch.zeros(2, 3), 2, 3)]
+    [(3,), (3,)]
+    """
+    if isinstance(out, torch.Tensor):
+        rows = list(out) if out.dim() == 2 else []
+    else:
+        rows = list(out)
+    if len(rows) != num_objectives or any(r.dim() != 1 or r.numel() != shard_numel or not r.is_contiguous() for r in rows):
+        shapes = tuple(out.shape) if isinstance(out, torch.Tensor) else [tuple(r.shape) for r in rows]
+        raise ValueError(f"shard buffer must be ({num_objectives}, {shard_numel}) or {num_objectives} contiguous rows of "
+                         f"{shard_numel} elements, got {shapes}")
+    return rows
 
 
 class CollectiveOrderError(RuntimeError):
@@ -72,6 +112,16 @@ class _Param:
     flat_offset: int = 0  # ZeRO-1/2: element offset in the group's flat tensor
 
 
+@dataclass
+class _InFlight:
+    """Collectives issued and not yet waited for, what they read and write, and what to do once they are done."""
+
+    works: list
+    held_bytes: int  # transient bytes released at completion
+    finish: Callable[[], None] = lambda: None
+    tensors: list = field(default_factory=list)  # kept alive until the collectives complete
+
+
 class ShardScatter(abc.ABC):
     """Reduce each complete parameter's (K, numel) gradients into a bound (K, shard_numel) buffer.
 
@@ -82,11 +132,13 @@ class ShardScatter(abc.ABC):
     capture accumulated full buffers; everything is reduced at once).
 
     ``peak_transient_bytes`` is the largest amount of full-size gradient memory
-    (pending gradients + staging) the scatter held at once since construction.
+    (pending gradients + staging + collectives in flight) the scatter held at
+    once since construction.
     """
 
     def __init__(self, capture: OnePassCapture, shard_numel: int, params: dict[int, _Param], *, group,
-                 world_size: int, rank: int, device: torch.device, bucket_numel: int = _BUCKET_NUMEL) -> None:
+                 world_size: int, rank: int, device: torch.device, bucket_numel: int = _BUCKET_NUMEL,
+                 max_in_flight: int = _MAX_IN_FLIGHT) -> None:
         self.capture = capture
         self.shard_numel = shard_numel
         self.params = params
@@ -95,8 +147,10 @@ class ShardScatter(abc.ABC):
         self.rank = rank
         self.device = device
         self.bucket_numel = max(1, int(bucket_numel))
-        self.target: torch.Tensor | None = None
-        self.target_factory: Callable[[], tuple[torch.Tensor, bool]] | None = None
+        self.max_in_flight = max(0, int(max_in_flight))
+        self.target: list[torch.Tensor] | None = None
+        """The bound shard rows: K 1-D tensors of shard_numel elements (objective k's shard in row k)."""
+        self.target_factory: Callable[[], tuple[ShardRowsLike, bool]] | None = None
         """Called for (buffer, accumulate) when a backward starts with nothing bound (the step's first)."""
         self.collectives = 0
         self.seconds = 0.0
@@ -104,6 +158,9 @@ class ShardScatter(abc.ABC):
         self.peak_transient_bytes = 0
         self._hash = 0
         self._live_bytes = 0
+        self._in_flight: deque[_InFlight] = deque()
+        self._target_fresh = False  # the bound target was zeroed and nothing was added since
+        self._delivered: set[int] = set()  # parameter indices added into the target since bind()
 
     @property
     def num_objectives(self) -> int:
@@ -111,18 +168,52 @@ class ShardScatter(abc.ABC):
         return self.capture.num_objectives
 
     # -- target and order ----------------------------------------------------------------------------
-    def bind(self, out: torch.Tensor, *, accumulate: bool = False) -> None:
-        """Reduce into ``out`` (K, shard_numel) from now on; zero it first unless ``accumulate``."""
-        k = self.num_objectives
-        if tuple(out.shape) != (k, self.shard_numel):
-            raise ValueError(f"shard buffer must be ({k}, {self.shard_numel}), got {tuple(out.shape)}")
+    def bind(self, out: ShardRowsLike, *, accumulate: bool = False) -> None:
+        """Reduce into ``out`` from now on; zero it first unless ``accumulate``.
+
+        ``out`` is a (K, shard_numel) tensor or K separate 1-D rows (e.g. K-1 rows of
+        the hook's buffer and DeepSpeed's own gradient buffer, see ``RacoHook.capture_rows``).
+        """
+        rows = as_shard_rows(out, self.num_objectives, self.shard_numel)
         if not accumulate:
-            out.zero_()
-        self.target = out
+            for row in rows:
+                row.zero_()
+        self.target = rows
+        self._target_fresh = not accumulate
+        self._delivered = set()
 
     def unbind(self) -> None:
         """Forget the target (the step's shards are complete)."""
+        self._wait_all()
         self.target = None
+
+    def _zero_in_target(self, info: _Param) -> bool:
+        # The parameter's slots in the bound target still hold the zeros bind() wrote.
+        return self._target_fresh and info.index not in self._delivered
+
+    # -- collectives in flight -------------------------------------------------------------------
+    def _launch(self, works: list, *, held_bytes: int, finish: Callable[[], None], tensors: list) -> None:
+        """Track asynchronous collectives; wait for the oldest while more than ``max_in_flight`` are out."""
+        self._in_flight.append(_InFlight(works, held_bytes, finish, tensors))
+        while len(self._in_flight) > self.max_in_flight:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        done = self._in_flight.popleft()
+        for work in done.works:
+            work.wait()
+        done.finish()
+        self._held(-done.held_bytes)
+
+    def _reap(self) -> None:
+        # Release finished collectives (oldest first) as soon as they are done, not only when the
+        # next is issued: a large parameter's K gradients should not outlive their reduction.
+        while self._in_flight and all(work.is_completed() for work in self._in_flight[0].works):
+            self._complete_oldest()
+
+    def _wait_all(self) -> None:
+        while self._in_flight:
+            self._complete_oldest()
 
     def _record(self, *keys: int) -> None:
         # Fold one collective (its parameter indices, destination, size) into the step's order hash.
@@ -137,6 +228,7 @@ class ShardScatter(abc.ABC):
 
         One tiny collective per optimizer step. Every rank must call it (they all do, in ``scatter_into``).
         """
+        self._wait_all()
         mine = self._hash
         self._hash = 0
         if self.world_size <= 1:
@@ -155,6 +247,17 @@ class ShardScatter(abc.ABC):
     def check_order_reset(self) -> None:
         """Forget the hash of the collectives issued so far (a step dropped by ``zero()``; no communication)."""
         self._hash = 0
+
+    def discard(self) -> None:
+        """Drop a step half-way (e.g. an exception in the backward): wait for what is in flight, forget staged gradients."""
+        self._wait_all()
+        self._drop_staged()
+        self.target = None
+        self._hash = 0
+
+    @abc.abstractmethod
+    def _drop_staged(self) -> None:
+        """Forget gradients staged for a collective not issued yet, releasing their memory."""
 
     def _held(self, delta: int) -> None:
         self._live_bytes += delta
@@ -176,6 +279,7 @@ class ShardScatter(abc.ABC):
             if grad.shape[1] != info.numel:
                 raise AssertionError(f"one-pass capture: parameter {index} has {grad.shape[1]} gradient elements, expected {info.numel}")
         started = time.perf_counter()
+        self._reap()
         self._add(info, grad)
         self.seconds += time.perf_counter() - started
 
@@ -184,9 +288,10 @@ class ShardScatter(abc.ABC):
         """Stage one parameter's gradients (None = zeros) and reduce whatever bucket became full."""
 
     def end_backward(self) -> None:
-        """Reduce what is still staged (the end of a backward) and release the staging memory."""
+        """Reduce what is still staged (the end of a backward), wait for every collective, release the staging."""
         started = time.perf_counter()
         self._end()
+        self._wait_all()
         self.seconds += time.perf_counter() - started
 
     @abc.abstractmethod
@@ -225,9 +330,6 @@ class _Zero3Scatter(ShardScatter):
         self._held(staging.numel() * 4)
         return staging
 
-    def _drop(self, staging: torch.Tensor) -> None:
-        self._held(-staging.numel() * 4)
-
     def _place(self, block: torch.Tensor, info: _Param, grad: torch.Tensor | None) -> None:
         # block (world, K, pn): rank r's slot gets elements [r*pn, (r+1)*pn) of the zero-padded gradient.
         if grad is None:
@@ -248,7 +350,13 @@ class _Zero3Scatter(ShardScatter):
         pn = info.partition_numel
         if self._cols and self._cols + pn > self.width:
             self._flush()
-        if pn > self.width:  # larger than a bucket: alone
+        if self.world_size == 1:  # a single rank: the gradient is the shard (None: zeros, nothing to add)
+            if grad is not None:
+                for row, objective_grad in zip(self.target, grad):
+                    row[info.shard_offset : info.shard_offset + info.numel].add_(objective_grad.to(row))
+            self._record(info.index, -1)
+            return
+        if pn >= self.width:  # a bucket's worth or more: alone
             if grad is not None and info.numel == self.world_size * pn and grad.is_contiguous():
                 self._reduce_direct(info, grad)
             else:
@@ -256,7 +364,6 @@ class _Zero3Scatter(ShardScatter):
                 self._place(staging, info, grad)
                 del grad
                 self._reduce(staging, [(info, 0)], pn)
-                self._drop(staging)
             return
         if self._staging is None:
             self._staging = self._new_staging(self.width)
@@ -268,38 +375,82 @@ class _Zero3Scatter(ShardScatter):
 
     def _reduce_direct(self, info: _Param, grad: torch.Tensor) -> None:
         # No padding: row k of the (K, world*pn) gradient is already the reduce-scatter input (no copy).
+        # Averaging first lets the result land in the shard itself while the step's target there is zero.
+        k, pn, target = self.num_objectives, info.partition_numel, self.target
         self._held(grad.numel() * grad.element_size())
-        mine = torch.empty(self.num_objectives, info.partition_numel, dtype=grad.dtype, device=grad.device)
-        for k in range(self.num_objectives):
-            dist.reduce_scatter_tensor(mine[k], grad[k], group=self.group)
+        grad.mul_(1.0 / self.world_size)
+        held = grad.numel() * grad.element_size()
+        in_place = self._zero_in_target(info) and all(r.device == grad.device and r.dtype == grad.dtype for r in target)
+        if in_place:
+            rows = [row[info.shard_offset : info.shard_offset + pn] for row in target]
+            finish: Callable[[], None] = lambda: None
+        else:
+            mine = torch.empty(k, pn, dtype=grad.dtype, device=grad.device)
+            self._held(mine.numel() * mine.element_size())
+            held += mine.numel() * mine.element_size()
+            rows = list(mine)
+
+            def finish() -> None:
+                self._deliver(mine, [(info, 0)], scale=1.0)
+
+        works = [_reduce_scatter(rows[j], grad[j], group=self.group, async_op=True) for j in range(k)]
         self._record(info.index, -1)
-        self._held(-grad.numel() * grad.element_size())
-        self._deliver(mine, [(info, 0)])
+        self._delivered.add(info.index)
+        self._launch(works, held_bytes=held, finish=finish, tensors=[grad, *rows])
 
     def _reduce(self, staging: torch.Tensor, members: list[tuple[_Param, int]], width: int) -> None:
-        send = staging if staging.shape[2] == width else staging[:, :, :width].contiguous()
+        send = staging if staging.shape[2] == width else _compact(staging, width)
         mine = torch.empty(self.num_objectives, width, dtype=torch.float32, device=self.device)
+        self._held(mine.numel() * 4)
+        held = (staging.numel() + mine.numel()) * 4
         # 1-D views: backends check output.numel() * world == input.numel() (gloo aborts otherwise).
-        dist.reduce_scatter_tensor(mine.view(-1), send.view(-1), group=self.group)
+        work = _reduce_scatter(mine.view(-1), send.view(-1), group=self.group, async_op=True)
         self._record(*(info.index for info, _ in members))
-        self._deliver(mine, members)
+        self._delivered.update(info.index for info, _ in members)
+        self._launch([work], held_bytes=held, finish=lambda: self._deliver(mine, members, scale=1.0 / self.world_size),
+                     tensors=[staging, send, mine])
 
-    def _deliver(self, mine: torch.Tensor, members: list[tuple[_Param, int]]) -> None:
-        mine = mine.to(device=self.target.device, dtype=self.target.dtype)
-        for info, col in members:
-            pn = info.partition_numel
-            self.target[:, info.shard_offset : info.shard_offset + pn].add_(mine[:, col : col + pn], alpha=1.0 / self.world_size)
+    def _deliver(self, mine: torch.Tensor, members: list[tuple[_Param, int]], *, scale: float) -> None:
+        for row, objective_mine in zip(self.target, mine):
+            objective_mine = objective_mine.to(row)
+            for info, col in members:
+                pn = info.partition_numel
+                row[info.shard_offset : info.shard_offset + pn].add_(objective_mine[col : col + pn], alpha=scale)
 
     def _flush(self) -> None:
         if self._members:
-            self._reduce(self._staging, self._members, self._cols)
-        self._members, self._cols = [], 0
+            self._reduce(self._staging, self._members, self._cols)  # the staging travels with the collective
+        elif self._staging is not None:
+            self._held(-self._staging.numel() * 4)
+        self._staging, self._members, self._cols = None, [], 0
 
     def _end(self) -> None:
         self._flush()
+
+    def _drop_staged(self) -> None:
         if self._staging is not None:
-            self._drop(self._staging)
-            self._staging = None
+            self._held(-self._staging.numel() * 4)
+        self._staging, self._members, self._cols = None, [], 0
+
+
+def _compact(staging: torch.Tensor, cols: int) -> torch.Tensor:
+    """The first ``cols`` columns of a (world, K, width) staging tensor as a contiguous (world, K, cols) tensor, in place.
+
+    A partly filled bucket; a ``.contiguous()`` copy would add a bucket's worth of memory.
+    Row i moves from offset i*width to i*cols (never past row i+1's start, since cols <= width).
+
+    >>> t = torch.arange(12.0).view(2, 1, 6)
+    >>> _compact(t, 4).tolist()
+    [[[0.0, 1.0, 2.0, 3.0]], [[6.0, 7.0, 8.0, 9.0]]]
+    """
+    world, k, width = staging.shape
+    rows, flat = staging.view(world * k, width), staging.view(-1)
+    for i in range(1, world * k):
+        src = rows[i, :cols]
+        if i * width < (i + 1) * cols:  # source and destination overlap: go through a copy of the row
+            src = src.clone()
+        flat[i * cols : (i + 1) * cols].copy_(src)
+    return flat[: world * k * cols].view(world, k, cols)
 
 
 class _FlatScatter(ShardScatter):
@@ -344,30 +495,45 @@ class _FlatScatter(ShardScatter):
                 if grad is not None:
                     send[:, col : col + b - a].copy_(grad[:, a - info.flat_offset : b - info.flat_offset])
                 col += b - a
-            dist.reduce(send, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group)
+            work = dist.reduce(send, dst=dist.get_global_rank(group, dst) if group is not None else dst, group=group,
+                               async_op=True)
             self._record(dst, *(info.index for info, _, _, _ in pieces))
+            finish: Callable[[], None] = lambda: None
             if dst == self.rank:
-                send = send.to(device=self.target.device, dtype=self.target.dtype)
-                base, col = self.group_bases[i], 0
-                for _, _, a, b in pieces:
-                    self.target[:, base + a - lo : base + b - lo].add_(send[:, col : col + b - a], alpha=1.0 / self.world_size)
-                    col += b - a
-            self._held(-send.numel() * 4)
+                finish = self._receiver(send, [(a - lo, b - lo) for _, _, a, b in pieces], self.group_bases[i])
+            self._launch([work], held_bytes=send.numel() * 4, finish=finish, tensors=[send])
             del send
         self._held(-sum(g.numel() * g.element_size() for _, g in self._pending if g is not None))
         self._pending, self._pending_numel = [], 0
 
+    def _receiver(self, received: torch.Tensor, spans: list[tuple[int, int]], base: int) -> Callable[[], None]:
+        # Once the reduce is done: add this rank's pieces (partition columns [a, b)) into its shard rows.
+        def finish() -> None:
+            for row, summed in zip(self.target, received):
+                summed, col = summed.to(row), 0
+                for a, b in spans:
+                    row[base + a : base + b].add_(summed[col : col + b - a], alpha=1.0 / self.world_size)
+                    col += b - a
+
+        return finish
+
     def _end(self) -> None:
         self._flush()
 
+    def _drop_staged(self) -> None:
+        self._held(-sum(g.numel() * g.element_size() for _, g in self._pending if g is not None))
+        self._pending, self._pending_numel = [], 0
 
-def make_shard_scatter(engine, capture: OnePassCapture, shard_layout, *, bucket_numel: int = _BUCKET_NUMEL) -> ShardScatter:
+
+def make_shard_scatter(engine, capture: OnePassCapture, shard_layout, *, bucket_numel: int = _BUCKET_NUMEL,
+                       max_in_flight: int = _MAX_IN_FLIGHT) -> ShardScatter:
     """A :class:`ShardScatter` for ``engine`` whose shard is described by ``shard_layout``.
 
     ``shard_layout`` is the hook's ``raco_ds.deepspeed.shards.ShardLayout`` (the
     capture seam). The ZeRO stage is read from the optimizer type; every
     trainable parameter of the layout must be one the capture tracks.
-    ``bucket_numel`` bounds the full-parameter elements (per objective) per collective.
+    ``bucket_numel`` bounds the full-parameter elements (per objective) per collective;
+    ``max_in_flight`` is how many collectives may run while the backward goes on (0: synchronous).
     """
     opt = engine.optimizer
     index = {id(p): i for i, (_, p) in enumerate(capture.parameters)}
@@ -387,7 +553,8 @@ def make_shard_scatter(engine, capture: OnePassCapture, shard_layout, *, bucket_
                 params[id(p)] = _Param(index[id(p)], int(p.ds_numel), partition_numel=int(p.partition_numel()),
                                        shard_offset=by_param[id(p)].buffer_offset)
         return _Zero3Scatter(capture, shard_layout.numel, params, group=group, world_size=dist.get_world_size(group),
-                             rank=dist.get_rank(group), device=device, bucket_numel=bucket_numel)
+                             rank=dist.get_rank(group), device=device, bucket_numel=bucket_numel,
+                             max_in_flight=max_in_flight)
     if name == "DeepSpeedZeroOptimizer":
         params, sizes, bases, groups = {}, [], [], []
         base, world, rank = 0, 1, 0
@@ -408,7 +575,7 @@ def make_shard_scatter(engine, capture: OnePassCapture, shard_layout, *, bucket_
             groups.append(group)
             base += size
         return _FlatScatter(capture, shard_layout.numel, params, group=groups[0] if groups else None, world_size=world,
-                            rank=rank, device=device, bucket_numel=bucket_numel, partition_sizes=sizes,
+                            rank=rank, device=device, bucket_numel=bucket_numel, max_in_flight=max_in_flight, partition_sizes=sizes,
                             group_bases=bases, groups=groups)
     raise ValueError(f"one-pass capture has no shard scatter for optimizer {name}; use K-pass capture")
 

@@ -86,10 +86,10 @@ class OnePassCapture:
     def __init__(self, run) -> None:
         from raco_ds.onepass import DeepSpeedOnePass
 
-        # Bound to the hook's buffer, the K shards are reduced straight into it during the backward.
-        self.adapter = DeepSpeedOnePass(
-            run.engine, len(run.names), run.hook.shard_layout, shard_buffer=run.hook.shard_buffer
-        )
+        # Bound to the hook's rows (the last one DeepSpeed's own buffer where possible), the K shards
+        # are reduced straight into them during the backward.
+        self.rows = run.hook.capture_rows()
+        self.adapter = DeepSpeedOnePass(run.engine, len(run.names), run.hook.shard_layout, shard_buffer=self.rows)
 
     def step(self, run, record) -> Any:
         """Run one optimizer step's passes and ``hook.step()``; fills ``record``; returns the hook's stats."""
@@ -113,7 +113,7 @@ class OnePassCapture:
                 coefficients = coefficients_from_losses(logps, out.losses)  # (K, 2B) = dL_k / dlogp_r
                 self.adapter.backward(logps.sum(), coefficients)
             record.add(out, range(k_total))
-        self.adapter.scatter_into(hook.shard_buffer)  # a finaliser: the reduction ran inside backward()
+        self.adapter.scatter_into(self.rows)  # a finaliser: the reduction ran inside backward()
         hook.mark_captured()
         record.scatter_seconds = self.adapter.scatter.seconds - reduced_before
         record.passes_seconds = time.perf_counter() - step_started - record.scatter_seconds
