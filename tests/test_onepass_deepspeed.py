@@ -243,7 +243,10 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
     # Bound to the hook's rows (ZeRO-3 fp32: K-1 of its own + DeepSpeed's flat gradient buffer): the
     # backward streams straight into them, scatter_into only finalises.
     rows = hook_1.capture_rows()
-    onepass = DeepSpeedOnePass(eng_1, k, hook_1.shard_layout, shard_buffer=rows)
+    # ZeRO-3 with small buckets: most parameters take the direct path, reduce-scattered in place into
+    # the rows, the last of which is DeepSpeed's own gradient buffer.
+    onepass = DeepSpeedOnePass(eng_1, k, hook_1.shard_layout, shard_buffer=rows,
+                               bucket_numel=256 if stage == 3 else 1 << 20)
     coef_diff = gram_rel = 0.0
     for step in range(steps):
         data, labels = _rank_data(rank + 7 * step, shape, k)
@@ -427,8 +430,9 @@ class _OddLM(torch.nn.Module):
         return self.head
 
 
-def _bucket_paths_case(rank: int, world: int, stage: int, bucket_numel: int, k: int = 3) -> dict:
-    """Streaming vs the oracle with buckets small enough for every path (bucketed, alone with and without padding)."""
+def _bucket_paths_case(rank: int, world: int, stage: int, bucket_numel: int, k: int = 3, micro: int = 1) -> dict:
+    """Streaming vs the oracle with buckets small enough for every path (bucketed, alone with and without
+    padding, into the shard rows in place or through a receive buffer once a micro-batch already added)."""
     import deepspeed
     import test_onepass as t
 
@@ -436,12 +440,13 @@ def _bucket_paths_case(rank: int, world: int, stage: int, bucket_numel: int, k: 
 
     oracle = None
     for r in range(world):
-        g = t.reference_grads(_OddLM(), *_rank_data(r, "shared", k), "shared")
-        oracle = g if oracle is None else {n: oracle[n] + g[n] for n in g}
-    oracle = {n: v / world for n, v in oracle.items()}
+        for d, lab in _split(*_rank_data(r, "shared", k), micro):
+            g = t.reference_grads(_OddLM(), d, lab, "shared")
+            oracle = g if oracle is None else {n: oracle[n] + g[n] for n in g}
+    oracle = {n: v / (world * micro) for n, v in oracle.items()}
     model = _OddLM()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                      config=_ds_config(stage))
+                                      config=_ds_config(stage, micro))
     adapter = DeepSpeedOnePass(engine, k, bucket_numel=bucket_numel)
     # A step abandoned half-way (one parameter handed over, the backward never finished): zero() must
     # wait for what is in flight and forget what is staged, or it would leak into the next step.
@@ -449,11 +454,11 @@ def _bucket_paths_case(rank: int, world: int, stage: int, bucket_numel: int, k: 
     adapter.scatter.on_final(first, 0, torch.full((k, adapter.capture.numel(first)), 1e3))
     adapter.zero()
     out = torch.zeros(k, adapter.layout.numel)
-    data, labels = _rank_data(rank, "shared", k)
-    t.onepass_grads(engine.module, data, labels, "shared", cap=adapter.capture, scale=adapter.scale)
+    for data, labels in _split(*_rank_data(rank, "shared", k), micro):
+        t.onepass_grads(engine.module, data, labels, "shared", cap=adapter.capture, scale=adapter.scale)
     adapter.scatter_into(out)
     adapter.remove()
-    return {"stage": stage, "bucket": bucket_numel, "collectives": adapter.scatter.collectives,
+    return {"stage": stage, "bucket": bucket_numel, "micro": micro, "collectives": adapter.scatter.collectives,
             "rel": global_rel(out, _expected_shard(oracle, adapter.layout, engine.module, k)),
             "padding_zero": bool((out[:, adapter.layout.padding_mask()] == 0).all())}
 
@@ -468,7 +473,8 @@ def _streaming_body(rank: int, world: int) -> dict:
         torch.distributed.barrier()
         out["memory"].append(_memory_case(rank, world, stage))
         for bucket in (1, 100, 500, 1 << 22):
-            out["paths"].append(_bucket_paths_case(rank, world, stage, bucket))
+            for micro in (1, 2):
+                out["paths"].append(_bucket_paths_case(rank, world, stage, bucket, micro=micro))
     return out
 
 
