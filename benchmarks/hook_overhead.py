@@ -356,7 +356,9 @@ def _captures_body(rank: int, world: int, args: argparse.Namespace) -> list[dict
     for stage in args.stages:
         model = _model(args).train().to(device)
         if args.checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from raco_ds.models import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
         config = {"train_micro_batch_size_per_gpu": 2 * args.pairs, "gradient_accumulation_steps": 1,
                   "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
                   "steps_per_print": 10**9}  # fmt: skip

@@ -38,6 +38,7 @@ __all__ = [
     "SHORT_NAMES",
     "ModelConfig",
     "choose_attn_implementation",
+    "enable_activation_checkpointing",
     "load_model",
     "load_model_and_tokenizer",
     "load_tokenizer",
@@ -121,10 +122,24 @@ def load_model(
         attn_implementation=choose_attn_implementation(dtype, attn_implementation),
     )
     if gradient_checkpointing:
-        # Non-reentrant checkpointing works with inputs that do not require grad and with hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     return model
+
+
+def enable_activation_checkpointing(model: Any, *, reentrant: bool = False) -> None:
+    """Turn on activation checkpointing of an HF model's layers, through whichever API its transformers has.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable`` (the old name warns on every call).
+    Non-reentrant (the default) works with inputs that do not require grad and
+    with module hooks, which one-pass capture relies on.
+    """
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_model_and_tokenizer(config: ModelConfig) -> tuple[Any, Any]:

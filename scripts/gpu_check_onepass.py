@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raco_ds.losses import losses_from_margins, margin_jacobian
+from raco_ds.models import enable_activation_checkpointing
 from raco_ds.onepass import (
     OnePassCapture,
     objective_row_coefficients,
@@ -66,7 +67,7 @@ def build(args, dtype):
     cfg._attn_implementation = "sdpa"
     m = tf.LlamaForCausalLM(cfg).to(device=args.device, dtype=dtype).train()
     m.config.use_cache = False
-    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(m)
     return m
 
 

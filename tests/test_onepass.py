@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from raco_ds.losses import losses_from_margins, margin_jacobian
+from raco_ds.models import enable_activation_checkpointing
 from raco_ds.onepass import (
     FusedKernelError,
     OnePassCapture,
@@ -61,7 +62,7 @@ def tiny_model(kind: str, *, seed: int = 0, checkpointing: bool = False, dtype: 
                 p.add_(0.1 * torch.randn_like(p))
     model.train()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     return model
 
@@ -187,7 +188,7 @@ def test_reentrant_checkpointing(shape: str) -> None:
     data, labels = batch(4), _labels(shape, 2, 4)
     ref = reference_grads(tiny_model("llama_tied"), data, labels, shape)  # reentrant forbids autograd.grad
     model = tiny_model("llama_tied")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    enable_activation_checkpointing(model, reentrant=True)
     assert max_rel_err(onepass_grads(model, data, labels, shape), ref) <= TOL
 
 
@@ -292,7 +293,7 @@ def test_checkpointing_keeps_its_memory_savings() -> None:
                              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
         m = tf.LlamaForCausalLM(cfg).train()
         if ckpt:
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(m)
         return m
 
     data, labels = batch(4, seq=32), _labels("shared", 2, 4)
@@ -446,7 +447,7 @@ def test_streaming_hands_each_parameter_over_once_during_the_backward(kind: str,
     data, labels = batch(4), _labels(shape, 2, 4)
     model = tiny_model(kind, checkpointing=ckpt is True)
     if ckpt == "reentrant":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        enable_activation_checkpointing(model, reentrant=True)
         ref = reference_grads(tiny_model(kind), data, labels, shape)
     else:
         ref = reference_grads(model, data, labels, shape)

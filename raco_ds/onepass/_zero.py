@@ -123,7 +123,7 @@ class _InFlight:
 
 
 class ShardScatter(abc.ABC):
-    """Reduce each complete parameter's (K, numel) gradients into a bound (K, shard_numel) buffer.
+    """Reduce each complete parameter's (K, numel) gradients into K bound shard rows.
 
     The :class:`~raco_ds.onepass._capture.GradientSink` of a streaming
     :class:`OnePassCapture`. Build with :func:`make_shard_scatter`; :meth:`bind`
@@ -243,10 +243,6 @@ class ShardScatter(abc.ABC):
                 "The backward must visit the same modules in the same order on every rank (no data-dependent "
                 "control flow, same model code); otherwise use K-pass capture"
             )
-
-    def check_order_reset(self) -> None:
-        """Forget the hash of the collectives issued so far (a step dropped by ``zero()``; no communication)."""
-        self._hash = 0
 
     def discard(self) -> None:
         """Drop a step half-way (e.g. an exception in the backward): wait for what is in flight, forget staged gradients."""
