@@ -247,6 +247,11 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
     # the rows, the last of which is DeepSpeed's own gradient buffer.
     onepass = DeepSpeedOnePass(eng_1, k, hook_1.shard_layout, shard_buffer=rows,
                                bucket_numel=256 if stage == 3 else 1 << 20)
+    try:  # a K-row buffer now would orphan the rows the capture fills: refused where the engine's row is out
+        hook_1.shard_buffer
+        regrow_refused = False
+    except RuntimeError as error:
+        regrow_refused = "capture_rows" in str(error)
     coef_diff = gram_rel = 0.0
     for step in range(steps):
         data, labels = _rank_data(rank + 7 * step, shape, k)
@@ -282,6 +287,7 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
     return {"coef_diff": coef_diff, "gram_rel": gram_rel, "param_rel": worst,
             "steps": (eng_1.global_steps, eng_k.global_steps),
             "hook_rows": hook_1.buffer_bytes // (4 * hook_1.shard_layout.numel),
+            "regrow_refused": regrow_refused,
             "lr": (eng_1.get_lr()[0], eng_k.get_lr()[0])}
 
 
@@ -321,6 +327,7 @@ def test_onepass_through_raco_hook_matches_kpass_hook() -> None:
         # into DeepSpeed's own buffer, so the hook holds K-1 shards as with K passes; ZeRO-1/2 all K.
         k = case[2]
         assert r["hook_rows"] == (k - 1 if case[0] == 3 else k), (case, r)
+        assert r["regrow_refused"] == (case[0] == 3), (case, r)
 
 
 # ---------------------------------------------------------------------------------------------

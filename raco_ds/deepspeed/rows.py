@@ -61,10 +61,14 @@ class ShardRows:
         if not self.full:
             if self.row_of or self.in_engine is not None:
                 raise RuntimeError("the hook's shard buffer cannot grow to K rows in the middle of a step")
+            if self._external_last_in_engine:
+                # A capture holds the K-1 rows and the engine's buffer from capture_rows(); a new K-row
+                # buffer would leave it filling rows that step() no longer reads.
+                raise RuntimeError("the hook's shard rows were handed to a capture (capture_rows()); use those "
+                                   "rows, not shard_buffer or K-pass capture, with this hook")
             self.buffer = torch.zeros(
                 self.num_objectives, self.buffer.shape[1], dtype=self.buffer.dtype, device=self.buffer.device
             )
-        self._external_last_in_engine = False
         return self.buffer
 
     def capture_rows(self) -> list[torch.Tensor]:
