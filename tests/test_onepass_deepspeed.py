@@ -22,6 +22,7 @@ CASES = [
     (2, "llama_tied", "shared", 4, True),
     (3, "llama", "shared", 2, False, 2),  # gradient accumulation: 2 micro-batches
     (2, "llama_tied", "objective_rows", 2, True, 2),
+    (1, "llama_tied", "shared", 2, False),  # ZeRO-1: the ZeRO-2 code path (DeepSpeedZeroOptimizer)
 ]
 
 
