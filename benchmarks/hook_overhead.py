@@ -204,19 +204,6 @@ CAPTURES = ("weighted", "kpass", "onepass")
 """The capture mode's variants, in their forward order (odd repetitions run them reversed)."""
 
 
-def _labels(shape: str, k: int, b: int, rank: int, device: torch.device) -> torch.Tensor:
-    # (K, B) in {+1, -1, 0}. Shared: every objective labels every pair (ties included, one
-    # non-tie pair each). Objective rows: pair r belongs to objective r mod K only.
-    gen = torch.Generator().manual_seed(5 + rank)
-    if shape == "shared":
-        labels = torch.randint(-1, 2, (k, b), generator=gen)
-        labels[:, 0] = 1
-    else:
-        labels = torch.zeros(k, b, dtype=torch.long)
-        labels[torch.arange(b) % k, torch.arange(b)] = 1
-    return labels.to(device)
-
-
 def _quartiles(values: list[float]) -> tuple[float, float]:
     """First and third quartile (inclusive method: within the data; one value gives itself twice)."""
     if len(values) < 2:
@@ -247,7 +234,7 @@ def _summarise(shape: str, k: int, wall: dict[str, list[float]], cpu: dict[str, 
 def _measure(engine: Any, strategy: Any, data: dict[str, torch.Tensor], shape: str, k: int, rank: int,
              args: argparse.Namespace, sync: Callable[[], None]) -> dict[str, Any]:
     """One (shape, K) row on ``engine``: warm-up, then the three variants interleaved over ``args.reps``."""
-    from test_onepass import row_logps
+    from test_onepass import _labels, row_logps
 
     from raco_ds.losses import losses_from_margins, margin_jacobian
     from raco_ds.onepass import (
@@ -259,7 +246,9 @@ def _measure(engine: Any, strategy: Any, data: dict[str, torch.Tensor], shape: s
     device = data["input_ids"].device
     b = data["input_ids"].shape[0] // 2
     ref = torch.full((2 * b,), -30.0, device=device)  # constant reference log-probs: the same in every variant
-    labels = _labels(shape, k, b, rank, device)
+    # (K, B) in {+1, -1, 0}, the tests' labels. Shared: every objective labels every pair (ties
+    # included). Objective rows: pair r belongs to objective r mod K only.
+    labels = _labels(shape, k, b, seed=5 + rank).to(device)
     w = torch.full((k,), 1.0 / k, device=device)
     shard = torch.zeros(k, strategy.layout.numel, device=device)
 

@@ -26,6 +26,7 @@ __all__ = ["DeviceCoefficients", "Rule", "UnsupportedModuleError", "rule_for"]
 # larger than one objective's gradient of that weight, which the capture holds K of anyway).
 _GROUP_CHUNK_BYTES = 32 << 20
 
+
 class UnsupportedModuleError(TypeError):
     """A module owns trainable parameters that one-pass capture cannot split by objective."""
 

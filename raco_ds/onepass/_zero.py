@@ -4,7 +4,7 @@ A parameter's K gradients need only its input and output gradient, so under
 ZeRO-3 nothing is gathered to form them. :class:`OnePassCapture` hands each
 parameter's (K, numel) gradients to a :class:`ShardScatter` as soon as they are
 complete in the backward (:meth:`OnePassCapture.stream_to`); the scatter
-reduces them, in buckets, straight into the rank's (K, shard_numel) buffer
+reduces them, in buckets, straight into the rank's K shard rows
 (adding across micro-batches) and frees them. The collectives are asynchronous:
 up to ``max_in_flight`` of them run while the backward goes on (on NCCL they
 overlap the backward's compute; gloo runs them on its own threads), and each is
@@ -18,7 +18,7 @@ Layouts (DeepSpeed 0.19, HOOKS.md), and the collective each uses:
 - ZeRO-3: each parameter padded to ``world * partition_numel``; rank r owns
   ``[r * pn, (r + 1) * pn)``; the shard is the owned partitions back to back.
   A bucket is a (world, K, width) staging tensor, one ``reduce_scatter_tensor``;
-  a parameter larger than a bucket goes alone (without a staging copy when it
+  a parameter of a bucket's size or more goes alone (without a staging copy when it
   needs no padding: one reduce-scatter per objective straight from its gradient,
   into the shard itself when the step's target there is still zero).
 - ZeRO-1/2: each parameter group is one flat tensor (``round_robin_bit16_groups``
@@ -53,7 +53,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -118,8 +118,8 @@ class _InFlight:
 
     works: list
     held_bytes: int  # transient bytes released at completion
-    finish: Callable[[], None] = lambda: None
-    tensors: list = field(default_factory=list)  # kept alive until the collectives complete
+    finish: Callable[[], None]
+    tensors: list  # kept alive until the collectives complete
 
 
 class ShardScatter(abc.ABC):
@@ -160,7 +160,7 @@ class ShardScatter(abc.ABC):
         self._live_bytes = 0
         self._in_flight: deque[_InFlight] = deque()
         self._target_fresh = False  # the bound target was zeroed and nothing was added since
-        self._delivered: set[int] = set()  # parameter indices added into the target since bind()
+        self._delivered: set[int] = set()  # direct-path parameters reduced into the target since bind()
 
     @property
     def num_objectives(self) -> int:
@@ -402,7 +402,6 @@ class _Zero3Scatter(ShardScatter):
         # 1-D views: backends check output.numel() * world == input.numel() (gloo aborts otherwise).
         work = _reduce_scatter(mine.view(-1), send.view(-1), group=self.group, async_op=True)
         self._record(*(info.index for info, _ in members))
-        self._delivered.update(info.index for info, _ in members)
         self._launch([work], held_bytes=held, finish=lambda: self._deliver(mine, members, scale=1.0 / self.world_size),
                      tensors=[staging, send, mine])
 
