@@ -198,7 +198,6 @@ class HeldOutEvaluator:
     def _split(self, cfg: Any, reference: str) -> _Split:
         """The held-out pairs of ``cfg`` tokenised for ``reference``, with the reference's scores (cached)."""
         from raco_ds.models import load_model, load_tokenizer
-        from raco_ds.trainer.data import split_pairs
         from raco_ds.trainer.eval import score_pairs
 
         key = hashlib.sha256(json.dumps({
@@ -208,8 +207,7 @@ class HeldOutEvaluator:
         if key in self._splits:
             return self._splits[key]
         tokenizer = load_tokenizer(reference)
-        dataset, collator = _build_dataset(cfg, tokenizer)
-        indices = split_pairs(dataset, cfg).eval_indices
+        dataset, collator, indices = _held_out_data(cfg, tokenizer)
         conflict = _conflict_pairs(dataset, indices)
         model = load_model(reference, dtype=cfg.model.dtype).to(self.device)
         scores = score_pairs(_PlainEngine(model), dataset, indices, self.batch_size or cfg.logging.eval_batch_size, collator)
@@ -220,12 +218,12 @@ class HeldOutEvaluator:
         return self._splits[key]
 
 
-def _build_dataset(cfg: Any, tokenizer: Any) -> Any:
-    """The run's tokenised dataset and collator, built by the trainer's own code (rank 0 of 1)."""
+def _held_out_data(cfg: Any, tokenizer: Any) -> tuple[Any, Any, list[int]]:
+    """The run's tokenised dataset, collator and held-out indices, by the trainer's own code (rank 0 of 1)."""
     from raco_ds.trainer.loop import build_data
 
-    dataset, collator, _split, _streams = build_data(cfg, tokenizer, 0, 1)
-    return dataset, collator
+    dataset, collator, split, _streams = build_data(cfg, tokenizer, 0, 1)
+    return dataset, collator, split.eval_indices
 
 
 def _conflict_pairs(dataset: Any, indices: list[int]) -> list[int]:

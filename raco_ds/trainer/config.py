@@ -115,7 +115,11 @@ class DataConfig:
     num_train_pairs: int | None = 96
     """Use at most this many training pairs (None: all but the held-out pairs)."""
     num_eval_pairs: int = 48
-    """Held-out pairs for evaluation, split off the data before training (same seed on every rank)."""
+    """Held-out pairs for evaluation, split off the data before training by whole prompts (a prompt's
+    pairs, and pairs sharing a response with them, are all held out or all train)."""
+    split_seed: int = 0
+    """Seed of the held-out split, independent of optimisation.seed so that the seeds of a sweep
+    share one held-out set."""
     shuffle: bool = True
     """Shuffle the training pairs each epoch (seeded by optimisation.seed and the epoch)."""
 

@@ -1,10 +1,17 @@
 """The trainer's view of the data: the held-out split and resumable per-rank batch streams.
 
-Split. Pairs are drawn from a permutation seeded by ``optimisation.seed`` (the
-same on every rank and for every world size): the first ``num_eval_pairs`` are
-held out, the next ``num_train_pairs`` train. Shared-pair data (PKU-SafeRLHF)
-has one pool; per-objective data (HH-RLHF) has one pool per objective and the
-counts apply per objective.
+Split. A held-out pair must not share its prompt or either response with a
+training pair: derived pairs (HelpSteer: every two responses to one prompt) and
+data with repeated prompts would otherwise score memorisation. So pairs are
+first joined into leakage groups (:func:`leakage_groups`: connected components
+of "shares the prompt or a response text"), and whole groups are held out.
+Groups are visited in a permutation seeded by ``data.split_seed`` (the same on
+every rank, for every world size and for every training seed, so the seeds of
+a sweep share one held-out set) and held out until ``num_eval_pairs`` pairs
+are reached (the last group may overshoot); the pairs of the remaining groups,
+in the same order, train (at most ``num_train_pairs``). Shared-pair data
+(PKU-SafeRLHF) has one pool; per-objective data (HH-RLHF) has one pool per
+objective and the counts apply per objective.
 
 Streams. One :class:`BatchStream` per pool (so per-objective data has K). Each
 wraps raco_ds.data's :class:`DistributedPairSampler` (epoch-seeded permutation,
@@ -17,18 +24,19 @@ uninterrupted run would.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from raco_ds.data.batch import PreferenceBatch, PreferenceCollator
+from raco_ds.data.records import PreferencePair
 from raco_ds.data.sampler import DistributedPairSampler
 from raco_ds.data.tokenization import PreferenceDataset
 from raco_ds.trainer.config import ConfigError, TrainConfig
 
-__all__ = ["BatchStream", "DataSplit", "split_pairs"]
+__all__ = ["BatchStream", "DataSplit", "leakage_groups", "split_pairs"]
 
 
 @dataclass
@@ -39,30 +47,96 @@ class DataSplit:
     """One list of pair indices per stream: 1 for shared pairs, K for per-objective data."""
     eval_indices: list[int]
     """Held-out pair indices (all pools together)."""
+    num_eval_groups: int = 0
+    """Leakage groups (prompts, joined where they share a response) the held-out pairs come from."""
+
+    def describe(self) -> str:
+        """One log line: the split's sizes and the no-leak guarantee."""
+        train = "+".join(str(len(p)) for p in self.train_pools)
+        return (f"train {train}, held out {len(self.eval_indices)} pairs from {self.num_eval_groups} prompt groups "
+                "(no held-out prompt or response text appears in a training pair)")
 
 
-def split_pairs(dataset: PreferenceDataset, cfg: TrainConfig) -> DataSplit:
-    """Seeded held-out/train split (see the module docstring); ConfigError if there is too little data."""
+def leakage_groups(pairs: Sequence[PreferencePair]) -> list[int]:
+    """A group id per pair: pairs sharing a prompt or a response text (transitively) get one id.
+
+    Union-find over the exact texts (before tokenisation and truncation, which can make one
+    prompt look like two). Ids are numbered by first appearance.
+
+    >>> from raco_ds.data.records import PreferencePair
+    >>> def pair(p, a, b):
+    ...     return PreferencePair(({"role": "user", "content": p},), a, b, (1,), -1, None)
+    >>> leakage_groups([pair("q1", "x", "y"), pair("q2", "z", "w"), pair("q3", "y", "v"), pair("q2", "u", "t")])
+    [0, 1, 0, 1]
+    """
+    parent: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def find(key: tuple[str, str]) -> tuple[str, str]:
+        root = parent.setdefault(key, key)
+        while root != parent[root]:
+            root = parent[root]
+        while key != root:  # path compression keeps long chains cheap
+            parent[key], key = root, parent[key]
+        return root
+
+    def keys(pair: PreferencePair) -> list[tuple[str, str]]:
+        prompt = repr([(m["role"], m["content"]) for m in pair.prompt])
+        return [("prompt", prompt), ("response", pair.response_a), ("response", pair.response_b)]
+
+    for pair in pairs:
+        first, *rest = keys(pair)
+        for key in rest:
+            parent[find(key)] = find(first)
+    ids: dict[tuple[str, str], int] = {}
+    return [ids.setdefault(find(keys(pair)[0]), len(ids)) for pair in pairs]
+
+
+def split_pairs(dataset: PreferenceDataset, cfg: TrainConfig, groups: Sequence[int] | None = None) -> DataSplit:
+    """Seeded held-out/train split by whole leakage groups (see the module docstring).
+
+    ``groups``: a group id per pair of ``dataset`` (:func:`leakage_groups` of its texts); None
+    treats every pair as its own group, which is only safe for data without repeated prompts or
+    responses. ConfigError if there is too little data.
+    """
+    if groups is None:
+        groups = range(len(dataset))
+    elif len(groups) != len(dataset):
+        raise ValueError(f"got {len(groups)} group ids for {len(dataset)} pairs; pass one per pair of the dataset")
     pools = (
         [list(range(len(dataset)))]
         if dataset.shared
         else [dataset.indices_of_objective(k) for k in range(dataset.num_objectives)]
     )
-    generator = torch.Generator().manual_seed(cfg.optimisation.seed)
-    train_pools, eval_indices = [], []
-    need = cfg.data.num_eval_pairs + 1
+    members: dict[int, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    generator = torch.Generator().manual_seed(cfg.data.split_seed)
+    order = [list(members)[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+    rank = {group: position for position, group in enumerate(order)}
+
+    held_out: set[int] = set()
+    eval_indices: list[int] = []
+    for pool in pools:
+        in_pool = sorted(pool, key=lambda i: (rank[groups[i]], i))
+        taken = 0
+        for i in in_pool:
+            if taken >= cfg.data.num_eval_pairs and groups[i] not in held_out:
+                break
+            held_out.add(groups[i])
+            taken += 1
+    train_pools = []
     for k, pool in enumerate(pools):
-        what = "the data" if dataset.shared else f"objective {dataset.objective_names[k]!r}"
-        if len(pool) < need:
+        in_pool = sorted(pool, key=lambda i: (rank[groups[i]], i))
+        eval_indices += [i for i in in_pool if groups[i] in held_out]
+        rest = [i for i in in_pool if groups[i] not in held_out]
+        if not rest:
+            what = "the data" if dataset.shared else f"objective {dataset.objective_names[k]!r}"
             raise ConfigError(
-                f"{what} has {len(pool)} pairs; data.num_eval_pairs={cfg.data.num_eval_pairs} leaves none to train on. "
-                "Lower --data.num_eval_pairs or use more data"
+                f"{what} has {len(pool)} pairs; data.num_eval_pairs={cfg.data.num_eval_pairs} (whole prompt groups) "
+                "leaves none to train on. Lower --data.num_eval_pairs or use more data"
             )
-        order = [pool[i] for i in torch.randperm(len(pool), generator=generator).tolist()]
-        eval_indices += order[: cfg.data.num_eval_pairs]
-        rest = order[cfg.data.num_eval_pairs :]
         train_pools.append(rest if cfg.data.num_train_pairs is None else rest[: cfg.data.num_train_pairs])
-    return DataSplit(train_pools, eval_indices)
+    return DataSplit(train_pools, eval_indices, len(held_out))
 
 
 class BatchStream:

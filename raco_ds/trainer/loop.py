@@ -249,7 +249,7 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
     from raco_ds.data.objectives import PRESETS as DATA_PRESETS
     from raco_ds.data.objectives import get_preset, trl_spec
     from raco_ds.data.tokenization import TokenizationConfig, tokenize_preference_data
-    from raco_ds.trainer.data import BatchStream, split_pairs
+    from raco_ds.trainer.data import BatchStream, leakage_groups, split_pairs
 
     dc = cfg.data
     if dc.dataset in DATA_PRESETS:
@@ -270,7 +270,7 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
         pairs, tokenizer, TokenizationConfig(max_length=dc.max_length, max_prompt_length=dc.max_prompt_length)
     )
     collator = PreferenceCollator(pad_token_id=dataset.pad_token_id, num_objectives=dataset.num_objectives)
-    split = split_pairs(dataset, cfg)
+    split = split_pairs(dataset, cfg, leakage_groups(pairs.pairs))
     # One stream per pool, each with its own seed so objectives do not see their pairs in lockstep.
     streams = [
         BatchStream(dataset, pool, collator, micro_batch_size=cfg.optimisation.micro_batch_size, world_size=world,
@@ -323,8 +323,7 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, out: P
     logger.info("model %s: %.2fM parameters, %.2fM trainable (%s)", cfg.model.name_or_path, total / 1e6,
                 trainable / 1e6, "all" if cfg.model.trainable_last_blocks < 0 else
                 f"last {cfg.model.trainable_last_blocks} blocks{' + final norm' if cfg.model.train_final_norm else ''}")  # fmt: skip
-    logger.info("data %s: %d pairs, %s; train %s, held out %d", cfg.data.dataset, len(dataset), shape,
-                "+".join(str(len(p)) for p in split.train_pools), len(split.eval_indices))  # fmt: skip
+    logger.info("data %s: %d pairs, %s; %s", cfg.data.dataset, len(dataset), shape, split.describe())
     logger.info("batch: %d pairs/micro-batch/rank x %d micro-batches/objective x %d ranks = %d pairs per objective "
                 "per step; %d steps", opt.micro_batch_size, opt.gradient_accumulation_steps, world, per_step,
                 opt.max_steps)  # fmt: skip
