@@ -18,6 +18,14 @@ freed), so no rank holds more than the parameters still in flight. Parameters
 not completed by the end of the backward (unused this pass) follow in
 registration order, so every rank hands the sink the same sequence.
 
+Never silently wrong: construction refuses any trainable parameter that no
+rule covers (:func:`~raco_ds.onepass._rules.rule_for`), and
+:meth:`OnePassCapture.self_check` compares one capture pass with autograd's
+gradient of the same randomly row-weighted scores, which exposes what no static
+check sees (a weight used outside its module's hooked call, rows recognised by
+shape). Non-finite row coefficients (a NaN loss) never raise: that objective's
+gradient becomes NaN, so the step is skipped like a NaN gradient would be.
+
 This module forms gradients only; Gram, solver and write-back live elsewhere.
 """
 
@@ -25,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import math
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -33,15 +43,74 @@ import torch
 from torch import nn
 
 from ._coefficients import RowCoefficients
-from ._rules import DeviceCoefficients, Rule, UnsupportedModuleError, rule_for
+from ._rules import DeviceCoefficients, RuleSpec, UnsupportedModuleError, rule_for
 
-__all__ = ["FusedKernelError", "GradientSink", "OnePassCapture", "UnsupportedModuleError"]
+__all__ = ["FusedKernelError", "GradientSink", "OnePassCapture", "OnePassMismatchError", "SelfCheck",
+           "UnsupportedModuleError"]
 
 logger = logging.getLogger(__name__)
 
 
 class FusedKernelError(RuntimeError):
     """The model's output layer was bypassed (e.g. fused linear cross-entropy), hiding its output gradient."""
+
+
+class OnePassMismatchError(RuntimeError):
+    """The self-check found one-pass gradients that differ from autograd's: one-pass capture is wrong for this model."""
+
+
+_CHECK_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}
+_CHECK_TOLERANCE_LOW_PRECISION = 5e-2
+
+
+@dataclass
+class SelfCheck:
+    """One-pass gradients of a random row weighting against autograd's (:meth:`OnePassCapture.self_check`)."""
+
+    names: list[str]
+    """Trainable parameter names (tied ones once), in the capture's order."""
+    errors: torch.Tensor
+    """(P,) float64: ||capture - autograd|| / max(||autograd||, ||capture||, floor) per parameter
+    (floor: 1e-3 of the total gradient norm, scaled by the parameter's share of the elements)."""
+    tolerance: float
+    """Largest error accepted (1e-3 in fp32, 5e-2 for bf16/fp16 parameters)."""
+    seconds: float = 0.0
+    """Wall time of the check (two extra forward and backward passes)."""
+    inconclusive: bool = False
+    """True when autograd's own gradient was not finite (nothing to compare with)."""
+
+    @property
+    def mismatches(self) -> list[tuple[str, float]]:
+        """(name, error) of every parameter over the tolerance, worst first."""
+        bad = [(n, float(e)) for n, e in zip(self.names, self.errors) if not float(e) <= self.tolerance]
+        return sorted(bad, key=lambda item: -item[1] if math.isfinite(item[1]) else -math.inf)
+
+    @property
+    def passed(self) -> bool:
+        """True when every parameter's one-pass gradient matches autograd's."""
+        return not self.inconclusive and not self.mismatches
+
+    def describe(self, limit: int = 6) -> str:
+        """One line: the mismatching parameters with their relative errors, or the largest error."""
+        if self.inconclusive:
+            return "self-check inconclusive: autograd's gradient of the check was not finite"
+        bad = self.mismatches
+        if not bad:
+            worst = float(self.errors.max()) if self.errors.numel() else 0.0
+            return f"one-pass gradients match autograd (largest relative error {worst:.1e})"
+        shown = ", ".join(f"{n} ({e:.2g})" for n, e in bad[:limit])
+        more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
+        return (
+            f"one-pass gradients differ from autograd's for {len(bad)} of {len(self.names)} parameters "
+            f"(relative error, tolerance {self.tolerance:g}): {shown}{more}. A weight is used outside its module's "
+            "call (F.linear on another module's weight, a direct module.forward(), weight slices), or a module's "
+            "input is not rows-first; use K-pass capture for this model"
+        )
+
+    def raise_if_failed(self) -> None:
+        """Raise :class:`OnePassMismatchError` with :meth:`describe` unless the check passed or was inconclusive."""
+        if self.mismatches and not self.inconclusive:
+            raise OnePassMismatchError("one-pass capture self-check failed: " + self.describe())
 
 
 class GradientSink(Protocol):
@@ -80,7 +149,7 @@ class _Site:
     owner: OnePassCapture
     name: str
     module: nn.Module
-    rule: Rule
+    rule: RuleSpec
     params: dict[str, nn.Parameter]
     fired: bool = False
     handles: list = field(default_factory=list)
@@ -93,7 +162,7 @@ class _Site:
     def capture(self, x: torch.Tensor, g: torch.Tensor) -> None:
         dc = self.owner._device_coefficients(g.device)
         with torch.no_grad():
-            grads = self.rule(self.module, self.name, x, g, dc, self.wanted)
+            grads = self.rule.fn(self.module, self.name, x, g, dc, self.wanted)
             # Every own parameter counts this call as one contribution, even one the rule left out
             # (a zero contribution), so that streaming's per-parameter count is reached.
             for pname, p in self.params.items():
@@ -112,7 +181,9 @@ class OnePassCapture:
             never runs raises :class:`FusedKernelError`.
 
     Raises :class:`UnsupportedModuleError` at construction for a module that
-    owns trainable parameters and has no rule, naming it.
+    owns trainable parameters and has no rule, or a trainable parameter that
+    its rule does not cover, naming both. Call :meth:`self_check` on a first
+    batch to verify what construction cannot see.
 
     Usage (one micro-batch; shared pairs)::
 
@@ -167,6 +238,7 @@ class OnePassCapture:
         self.output_module = output_module
         self._requires_grad_saved: list[bool] | None = None
         self._rows: int | None = None
+        self._nonfinite: set[int] = set()
         self._names = {id(p): n for n, p in self.parameters}
         self._index = {id(p): i for i, (_, p) in enumerate(self.parameters)}
         # Streaming state: the sink, and per record() / per backward the contribution counts.
@@ -261,11 +333,25 @@ class OnePassCapture:
         return self._coefficients
 
     def backward(self, seed: torch.Tensor, coefficients: torch.Tensor | RowCoefficients, scale: float = 1.0) -> None:
-        """One backward of ``seed`` that adds sum_r C[k, r] * (row r's d seed/d theta) into objective k's buffers."""
+        """One backward of ``seed`` that adds sum_r C[k, r] * (row r's d seed/d theta) into objective k's buffers.
+
+        A row of ``coefficients`` with an inf/NaN (objective k's loss was not
+        finite) contributes nothing to this backward and makes objective k's
+        gradient NaN for the step (:attr:`nonfinite_objectives`), as K separate
+        backwards would.
+        """
         if not self._active:
             raise RuntimeError("one-pass capture: call backward() inside `with capture.record():`")
-        self.check_output_module()
+        if not isinstance(coefficients, RowCoefficients):
+            finite = torch.isfinite(coefficients).all(dim=-1) if coefficients.dim() == 2 else None
+            if finite is not None and not bool(finite.all()):
+                self._nonfinite.update(int(k) for k in torch.nonzero(~finite).flatten())
+                coefficients = torch.where(finite.view(-1, 1), coefficients, torch.zeros_like(coefficients))
         self.set_coefficients(coefficients, scale)
+        self._run_backward(seed)
+
+    def _run_backward(self, seed: torch.Tensor) -> None:
+        self.check_output_module()
         if not seed.requires_grad:
             raise RuntimeError("one-pass capture: the seed does not require grad (was the forward run inside record()?)")
         self._received, self._final = {}, set()
@@ -283,6 +369,84 @@ class OnePassCapture:
                     self._sink.on_final(p, index, self.take(p))
             self._final = set()
             self._sink.end_backward()
+
+    @property
+    def nonfinite_objectives(self) -> list[int]:
+        """Objectives whose row coefficients were not finite in a backward since :meth:`zero` (their gradient is NaN)."""
+        return sorted(self._nonfinite)
+
+    # -- self-check ----------------------------------------------------------------------------
+
+    def self_check(self, row_scores: Callable[[], torch.Tensor], *, seed: int = 0) -> SelfCheck:
+        """Compare one capture pass with autograd on the same batch; the capture's state is left untouched.
+
+        ``row_scores`` runs the model's forward on one batch and returns its (R,)
+        per-row scores (what the seed of :meth:`backward` sums, e.g. each row's
+        response log-prob). With random row weights v (seeded, both signs), autograd
+        computes d(sum_r v_r s_r)/d theta in one forward and backward, and the
+        capture computes the same from a second forward and backward with v as the
+        row coefficients of a single objective. A weight used outside its module's
+        hooked call, or rows recognised by shape, make the two differ; random v
+        exposes rows assigned wrongly, which an all-ones weighting would not.
+        Randomness (dropout) is replayed identically in both passes and restored
+        afterwards. Costs two extra forward and backward passes and, transiently,
+        two dense gradients of the trainable parameters.
+
+        Under autograd the parameters must require grad, so call it outside
+        :meth:`record`; reentrant activation checkpointing cannot run
+        ``torch.autograd.grad`` (use the non-reentrant variant).
+        """
+        if self._active:
+            raise RuntimeError("one-pass capture: self_check() runs its own passes; call it outside record()")
+        started = time.perf_counter()
+        params = [p for _, p in self.parameters]
+        devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            state = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices])
+            with torch.enable_grad():
+                scores = row_scores()
+                weights = _check_weights(scores.shape[0], seed, scores)
+                reference = torch.autograd.grad((scores * weights).sum(), params, allow_unused=True)
+            del scores
+            torch.set_rng_state(state[0])
+            for d, s in zip(devices, state[1]):
+                torch.cuda.set_rng_state(s, d)
+            captured = self._capture_rows_weighted(row_scores, weights)
+        errors = torch.zeros(len(params), dtype=torch.float64)
+        total = math.sqrt(sum(float(r.double().pow(2).sum()) for r in reference if r is not None))
+        numel_total = sum(self.numel(p) for p in params)
+        finite = math.isfinite(total)
+        for i, (p, ref) in enumerate(zip(params, reference)):
+            got = captured.get(id(p))
+            ref64 = ref.reshape(-1).to(torch.float64) if ref is not None else None
+            got64 = got.reshape(-1).to(torch.float64) if got is not None else None
+            if ref64 is None and got64 is None:
+                continue
+            if ref64 is None:
+                ref64 = torch.zeros_like(got64)
+            if got64 is None:
+                got64 = torch.zeros_like(ref64)
+            floor = 1e-3 * total * math.sqrt(self.numel(p) / max(numel_total, 1))
+            scale = max(float(ref64.norm()), float(got64.norm()), floor, 1e-30)
+            errors[i] = float((got64.to(ref64.device) - ref64).norm()) / scale
+        dtypes = {p.dtype for p in params}
+        tolerance = max((_CHECK_TOLERANCE.get(d, _CHECK_TOLERANCE_LOW_PRECISION) for d in dtypes), default=1e-3)
+        return SelfCheck([n for n, _ in self.parameters], errors, tolerance, time.perf_counter() - started,
+                         inconclusive=not finite)  # fmt: skip
+
+    def _capture_rows_weighted(self, row_scores: Callable[[], torch.Tensor], weights: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{id(param): (1, numel)} = sum_r weights[r] * d s_r / d param through the capture's rules, without its sink."""
+        saved = self._sink, self._buffers, self.live_buffer_bytes, self.num_objectives
+        self._sink, self._buffers, self.num_objectives = None, {}, 1
+        try:
+            with self.record(rows=weights.shape[0]):
+                scores = row_scores()
+                self._coefficients = RowCoefficients.from_matrix(weights.detach().view(1, -1).to(torch.float64).cpu())
+                self._device_cache.clear()
+                self._run_backward(scores.sum())
+            return self._buffers
+        finally:
+            self._sink, self._buffers, self.live_buffer_bytes, self.num_objectives = saved
 
     def stream_to(self, sink: GradientSink | None) -> None:
         """Hand each parameter's K gradients to ``sink`` as soon as they are complete in each backward.
@@ -345,7 +509,7 @@ class OnePassCapture:
             self._sink.on_final(p, self._index[pid], self.take(p))
 
     def _accumulate(self, p: nn.Parameter, grad: torch.Tensor) -> None:
-        flat = grad.reshape(self.num_objectives, -1)
+        flat = grad.reshape(grad.shape[0], -1)
         buf = self._buffers.get(id(p))
         if buf is None:
             buf = self._buffers[id(p)] = flat.to(self.accumulate_dtype) if flat.dtype != self.accumulate_dtype else flat.contiguous()
@@ -355,18 +519,14 @@ class OnePassCapture:
             buf.add_(flat.to(buf.dtype))
 
     def flat_gradient(self, p: nn.Parameter, device: torch.device | None = None) -> torch.Tensor:
-        """(K, numel) gradients of ``p`` accumulated so far (zeros if it got none)."""
+        """(K, numel) gradients of ``p`` accumulated so far (zeros if it got none; NaN rows: non-finite objectives)."""
         buf = self._buffers.get(id(p))
         if buf is None:
             dev = device if device is not None else (p.device if p.device.type != "meta" else torch.device("cpu"))
-            return torch.zeros(self.num_objectives, self.numel(p), dtype=self.accumulate_dtype, device=dev)
+            buf = torch.zeros(self.num_objectives, self.numel(p), dtype=self.accumulate_dtype, device=dev)
+        for k in self._nonfinite:
+            buf[k] = float("nan")
         return buf
-
-    def pop_flat_gradient(self, p: nn.Parameter, device: torch.device | None = None) -> torch.Tensor:
-        """Like :meth:`flat_gradient` but releases the buffer (after it was reduce-scattered)."""
-        out = self.flat_gradient(p, device)
-        self.take(p)
-        return out
 
     def take(self, p: nn.Parameter) -> torch.Tensor | None:
         """Remove and return ``p``'s (K, numel) buffer (None if it has none); the caller owns it from here on."""
@@ -380,8 +540,9 @@ class OnePassCapture:
         return {n: self.flat_gradient(p).view(self.num_objectives, *self.shape(p)) for n, p in self.parameters}
 
     def zero(self) -> None:
-        """Drop all accumulated gradients (start of an optimizer step)."""
+        """Drop all accumulated gradients and non-finite marks (start of an optimizer step)."""
         self._buffers.clear()
+        self._nonfinite.clear()
         self.live_buffer_bytes = 0
 
     @property
@@ -395,3 +556,11 @@ class OnePassCapture:
             for h in site.handles:
                 h.remove()
             site.handles.clear()
+
+
+def _check_weights(rows: int, seed: int, like: torch.Tensor) -> torch.Tensor:
+    """(R,) random row weights of both signs, away from 0, from ``seed`` (the same on every rank)."""
+    gen = torch.Generator().manual_seed(seed)
+    magnitude = torch.rand(rows, generator=gen, dtype=torch.float64) + 0.5
+    sign = torch.randint(0, 2, (rows,), generator=gen).to(torch.float64) * 2 - 1
+    return (magnitude * sign).to(device=like.device, dtype=like.dtype)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator
 
 import torch
 
-from ._capture import OnePassCapture
+import torch.distributed as dist
+
+from ._capture import OnePassCapture, SelfCheck
 from ._coefficients import RowCoefficients
 from ._zero import (
     _BUCKET_NUMEL,
@@ -35,7 +38,6 @@ from ._zero import (
 __all__ = ["DeepSpeedOnePass", "onepass_unsupported_reason"]
 
 logger = logging.getLogger(__name__)
-_logged: set[str] = set()
 
 
 def onepass_unsupported_reason(engine) -> str | None:
@@ -132,6 +134,24 @@ class DeepSpeedOnePass:
         """The model's forward (``engine.module``), to be called inside :meth:`record`."""
         return self.engine.module(*args, **kwargs)
 
+    def self_check(self, row_scores, *, seed: int = 0) -> SelfCheck:
+        """:meth:`OnePassCapture.self_check` on every rank's own batch, with the worst error of each parameter
+        over all ranks, so that every rank reaches the same verdict (call it on every rank, between steps).
+
+        ``row_scores`` runs :meth:`forward` on the rank's micro-batch and returns its (R,) row scores.
+        Raise on a failure with ``result.raise_if_failed()``.
+        """
+        result = self.capture.self_check(row_scores, seed=seed)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            group = getattr(self.engine, "seq_data_parallel_group", None)
+            device = "cpu" if dist.get_backend(group) == "gloo" else torch.device(self.layout.device)
+            errors = torch.nan_to_num(result.errors, nan=math.inf).to(device)
+            flag = torch.tensor([float(result.inconclusive)], dtype=torch.float64, device=device)
+            packed = torch.cat([errors, flag])
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+            result.errors, result.inconclusive = packed[:-1].cpu(), bool(packed[-1] > 0)
+        return result
+
     def _new_target(self) -> tuple[ShardRowsLike, bool]:
         # The step's first backward binds (and zeroes) the target; later micro-batches add into it.
         if self.shard_buffer is not None:
@@ -173,6 +193,8 @@ class DeepSpeedOnePass:
                     row.add_(captured)
                 else:
                     row.copy_(captured)
+        for k in self.capture.nonfinite_objectives:
+            rows[k].fill_(float("nan"))  # the Gram's diagonal then makes every rank skip the step
         self.scatter.unbind()
         self.finish_engine_backward()
 
@@ -195,12 +217,3 @@ class DeepSpeedOnePass:
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.device == b.device
-
-
-def log_fallback_once(engine) -> str | None:
-    """Log once per reason that one-pass capture falls back to K passes; return the reason (None = one pass)."""
-    reason = onepass_unsupported_reason(engine)
-    if reason is not None and reason not in _logged:
-        _logged.add(reason)
-        logger.warning("RACO capture: K passes per step (one-pass capture unavailable: %s)", reason)
-    return reason

@@ -19,7 +19,7 @@ from torch import nn
 
 from ._coefficients import CoefficientShape, RowCoefficients
 
-__all__ = ["DeviceCoefficients", "Rule", "UnsupportedModuleError", "rule_for"]
+__all__ = ["DeviceCoefficients", "Rule", "RuleSpec", "UnsupportedModuleError", "rule_for"]
 
 # Bound on the temporary (groups x Dout x Din) products of one Linear weight (shared pairs): a chunk of
 # groups is multiplied at once only while it fits; a single group's product may exceed it (it is no
@@ -202,27 +202,32 @@ def _conv1d(module: nn.Module, name: str, x: torch.Tensor, g: torch.Tensor, dc: 
     return _affine(x, g, name, dc, wanted, weight_is_out_in=False)
 
 
-def _embedding(module: nn.Module, name: str, ids: torch.Tensor, g: torch.Tensor, dc: DeviceCoefficients, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
-    _rows_first(name, ids, dc)
-    weight = module.weight
-    if "weight" not in wanted:
-        return {}
-    vocab, dim = tuple(getattr(weight, "ds_shape", weight.shape))
-    scale = getattr(module, "embed_scale", None)
-    if scale is not None:  # Gemma-3 style y = E[ids] * scale: dE = scale * g
-        g = g * scale.to(g.dtype) if isinstance(scale, torch.Tensor) else g * scale
-    k = dc.matrix.shape[0]
-    flat_ids = ids.reshape(-1)
-    gf = g.reshape(dc.num_rows, -1, dim).to(torch.float32)
-    out = torch.zeros(k, vocab, dim, dtype=torch.float32, device=g.device)
-    for obj in range(k):
-        coef = dc.matrix[obj]
-        if not bool((coef != 0).any()):
-            continue
-        out[obj].index_add_(0, flat_ids, (gf * coef.view(-1, 1, 1)).reshape(-1, dim))
-    if module.padding_idx is not None:
-        out[:, module.padding_idx] = 0  # nn.Embedding never updates the padding row
-    return {"weight": out}
+def _embedding_rule(scale: float) -> Rule:
+    """The rule of ``y = E[ids] * scale`` (``scale`` 1.0 for nn.Embedding): dE[id] += scale * g per occurrence."""
+
+    def rule(module: nn.Module, name: str, ids: torch.Tensor, g: torch.Tensor, dc: DeviceCoefficients,
+             wanted: frozenset[str]) -> dict[str, torch.Tensor]:  # fmt: skip
+        _rows_first(name, ids, dc)
+        weight = module.weight
+        if "weight" not in wanted:
+            return {}
+        vocab, dim = tuple(getattr(weight, "ds_shape", weight.shape))
+        k = dc.matrix.shape[0]
+        flat_ids = ids.reshape(-1)
+        gf = g.reshape(dc.num_rows, -1, dim).to(torch.float32)
+        if scale != 1.0:
+            gf = gf * scale
+        out = torch.zeros(k, vocab, dim, dtype=torch.float32, device=g.device)
+        for obj in range(k):
+            coef = dc.matrix[obj]
+            if not bool((coef != 0).any()):
+                continue
+            out[obj].index_add_(0, flat_ids, (gf * coef.view(-1, 1, 1)).reshape(-1, dim))
+        if module.padding_idx is not None:
+            out[:, module.padding_idx] = 0  # nn.Embedding never updates the padding row
+        return {"weight": out}
+
+    return rule
 
 
 def _layer_norm(module: nn.Module, name: str, x: torch.Tensor, g: torch.Tensor, dc: DeviceCoefficients, wanted: frozenset[str]) -> dict[str, torch.Tensor]:
@@ -271,11 +276,16 @@ def _overrides_forward(module: nn.Module, base: type) -> bool:
     return type(module).forward is not base.forward
 
 
+def _is_partitioned(weight: torch.Tensor) -> bool:
+    """True when the weight's values are not on this rank (ZeRO-3) or not materialised (meta)."""
+    return hasattr(weight, "ds_id") or weight.device.type == "meta"
+
+
 def _check_hf_rms_norm(module: nn.Module, name: str) -> None:
-    """Verify numerically, once per type, that the module's weight gradient is g * xhat."""
+    """Verify numerically, for this instance, that the module's weight gradient is g * xhat."""
     weight = module.weight
-    if hasattr(weight, "ds_id") or weight.dim() != 1 or weight.device.type == "meta":
-        return  # partitioned under ZeRO-3: trust the type (the single-process tests cover it)
+    if _is_partitioned(weight) or weight.dim() != 1:
+        return  # values not here: the capture's first-step self-check covers it
     dim = weight.shape[0]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, dim, generator=gen).to(weight.device)
@@ -293,50 +303,131 @@ def _check_hf_rms_norm(module: nn.Module, name: str) -> None:
         )
 
 
-_RULES: dict[type, Rule] = {}
-_checked_types: set[type] = set()
+def _embedding_scale(module: nn.Embedding, name: str) -> float:
+    """The scalar s of an embedding subclass whose forward is ``E[ids] * s``, measured on this instance.
+
+    The forward runs on a small random table (functional_call), so nothing of the
+    real weight is read or gathered; a forward that is not a scaled lookup is refused.
+    Where the weight is partitioned (ZeRO-3) the forward cannot run on a
+    stand-in table: the module's ``embed_scale`` (1.0 without one) is taken as a
+    hypothesis that the capture's first-step self-check then verifies.
+    """
+    weight = module.weight
+    if _is_partitioned(weight):
+        scale = getattr(module, "embed_scale", 1.0)
+        return float(scale.item() if isinstance(scale, torch.Tensor) else scale)
+    rows = max(8, (module.padding_idx or 0) + 1)
+    if rows > 1 << 16:
+        raise UnsupportedModuleError(
+            f"one-pass capture: embedding {name} ({type(module).__name__}) overrides forward and has padding_idx "
+            f"{module.padding_idx}, too large to probe; register a rule for it or use K-pass capture"
+        )
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(rows, weight.shape[1], generator=gen).to(device=weight.device, dtype=weight.dtype)
+    ids = torch.arange(rows, device=weight.device).view(1, -1)
+    try:
+        with torch.no_grad():
+            y = torch.func.functional_call(module, {"weight": table}, (ids,))
+    except Exception:  # a forward that is not a lookup of its input ids (e.g. positions from a mask)
+        y = None
+    lookup = F.embedding(ids, table, module.padding_idx)
+    if not isinstance(y, torch.Tensor) or y.shape != lookup.shape:
+        raise UnsupportedModuleError(
+            f"one-pass capture: embedding {name} ({type(module).__name__}) overrides forward and does not return "
+            "a lookup of its table; register a rule for it with raco_ds.onepass.register_rule or use K-pass capture"
+        )
+    yf, lf = y.to(torch.float64), lookup.to(torch.float64)
+    scale = float((yf * lf).sum() / (lf * lf).sum())
+    tolerance = 1e-5 if weight.dtype == torch.float32 else 2e-2
+    if not torch.allclose(yf, scale * lf, rtol=tolerance, atol=tolerance * abs(scale)):
+        raise UnsupportedModuleError(
+            f"one-pass capture: embedding {name} ({type(module).__name__}) overrides forward and its output is not "
+            "its table lookup times a constant; register a rule for it with raco_ds.onepass.register_rule or use "
+            "K-pass capture"
+        )
+    return scale
 
 
-def register_rule(module_type: type) -> Callable[[Rule], Rule]:
-    """Register a rule for ``module_type`` (exact type); the rule returns {param_name: (K, *shape)}."""
+@dataclass(frozen=True)
+class RuleSpec:
+    """A rule and the names of the module's own parameters it computes gradients for."""
+
+    fn: Rule
+    covers: frozenset[str]
+
+
+_RULES: dict[type, RuleSpec] = {}
+
+
+def register_rule(module_type: type, *, covers: tuple[str, ...] | frozenset[str]) -> Callable[[Rule], Rule]:
+    """Register a rule for ``module_type`` (exact type) computing the parameters named in ``covers``.
+
+    The rule returns ``{param_name: (K, *shape)}`` for the names in ``wanted``
+    (the module's trainable parameters); a module of this type owning a trainable
+    parameter not in ``covers`` is refused at construction.
+    """
 
     def deco(fn: Rule) -> Rule:
-        _RULES[module_type] = fn
+        _RULES[module_type] = RuleSpec(fn, frozenset(covers))
         return fn
 
     return deco
 
 
-def rule_for(module: nn.Module, name: str) -> Rule:
-    """The rule for ``module``, or raise :class:`UnsupportedModuleError` naming it and the fix."""
+_WEIGHT = frozenset({"weight"})
+_WEIGHT_BIAS = frozenset({"weight", "bias"})
+
+
+def _builtin_rule(module: nn.Module, name: str) -> RuleSpec | None:
+    """The built-in rule of a standard module, checked on this instance; None when there is none."""
     cls = type(module)
-    if cls in _RULES:
-        return _RULES[cls]
     if isinstance(module, nn.Linear) and not _overrides_forward(module, nn.Linear):
-        return _linear
+        return RuleSpec(_linear, _WEIGHT_BIAS)
     if isinstance(module, nn.Embedding):
         if module.max_norm is not None or module.scale_grad_by_freq or module.sparse:
             raise UnsupportedModuleError(
                 f"one-pass capture: embedding {name} uses max_norm/scale_grad_by_freq/sparse, which one-pass "
                 "capture does not reproduce; disable them or use K-pass capture"
             )
-        if not _overrides_forward(module, nn.Embedding) or hasattr(module, "embed_scale"):
-            return _embedding
+        # A plain nn.Embedding's forward is the lookup whatever attributes it carries (a scale that
+        # the caller applies is already inside the output gradient); a subclass is measured.
+        scale = _embedding_scale(module, name) if _overrides_forward(module, nn.Embedding) else 1.0
+        return RuleSpec(_embedding_rule(scale), _WEIGHT)
     if isinstance(module, nn.LayerNorm) and not _overrides_forward(module, nn.LayerNorm):
-        return _layer_norm
+        return RuleSpec(_layer_norm, _WEIGHT_BIAS)
     if isinstance(module, nn.RMSNorm) and not _overrides_forward(module, nn.RMSNorm):
-        return _torch_rms_norm
+        return RuleSpec(_torch_rms_norm, _WEIGHT)
     if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
-        return _conv1d
+        return RuleSpec(_conv1d, _WEIGHT_BIAS)
     own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     if cls.__name__.endswith("RMSNorm") and own == ["weight"]:
-        if cls not in _checked_types:
-            _check_hf_rms_norm(module, name)
-            _checked_types.add(cls)
-        return _hf_rms_norm
-    raise UnsupportedModuleError(
-        f"one-pass capture: module {name!r} of type {cls.__module__}.{cls.__name__} owns trainable parameters "
-        f"{own} and has no one-pass rule (supported: Linear, Embedding, LayerNorm, RMSNorm and HF *RMSNorm, "
-        "transformers Conv1D). Register one with raco_ds.onepass.register_rule, freeze those parameters, "
-        "or use K-pass capture"
-    )
+        _check_hf_rms_norm(module, name)
+        return RuleSpec(_hf_rms_norm, _WEIGHT)
+    return None
+
+
+def rule_for(module: nn.Module, name: str) -> RuleSpec:
+    """The rule for ``module``, or raise :class:`UnsupportedModuleError` naming it, the parameters, and the fix.
+
+    Raises as well when the rule does not cover every trainable parameter the
+    module owns (a scale registered on an nn.Linear, weight_norm's g and v).
+    """
+    cls = type(module)
+    spec = _RULES.get(cls) or _builtin_rule(module, name)
+    own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    if spec is None:
+        raise UnsupportedModuleError(
+            f"one-pass capture: module {name!r} of type {cls.__module__}.{cls.__name__} owns trainable parameters "
+            f"{own} and has no one-pass rule (supported: Linear, Embedding, LayerNorm, RMSNorm and HF *RMSNorm, "
+            "transformers Conv1D). Register one with raco_ds.onepass.register_rule, freeze those parameters, "
+            "or use K-pass capture"
+        )
+    uncovered = [n for n in own if n not in spec.covers]
+    if uncovered:
+        raise UnsupportedModuleError(
+            f"one-pass capture: module {name!r} ({cls.__name__}) owns trainable parameter(s) "
+            f"{[f'{name}.{n}' if name else n for n in uncovered]} that its one-pass rule (for {sorted(spec.covers)}) "
+            "does not compute, e.g. a parametrisation such as weight_norm or a parameter used elsewhere; freeze "
+            "them, register a rule covering them with raco_ds.onepass.register_rule, or use K-pass capture"
+        )
+    return spec
