@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objectives", default=",".join(default.objectives), help=docs["objectives"] + " Comma-separated.")
     p.add_argument("--weights", default=None, help=docs["weights"] + " Format: '0,1;0.5,0.5;1,0'.")
     p.add_argument("--grid-step", type=float, default=default.grid_step, help=docs["grid_step"])
+    p.add_argument("--seeds", default=",".join(map(str, default.seeds)), help=docs["seeds"] + " Comma-separated.")
+    p.add_argument("--no-eval", dest="evaluate", action="store_false", help=docs["evaluate"])
+    p.add_argument("--eval-only", dest="train", action="store_false", help=docs["train"])
     p.add_argument("--train-command", default=None, help=docs["train_command"] + " One shell-quoted string.")
     p.add_argument("--max-attempts", type=int, default=default.max_attempts, help=docs["max_attempts"])
     p.add_argument("--timeout-s", type=float, default=None, help=docs["timeout_s"])
@@ -57,6 +60,9 @@ def config_from_args(argv: list[str]) -> tuple[SweepConfig, argparse.Namespace]:
         objectives=objectives,
         weights=[list(w) for w in parse_weights(args.weights, len(objectives))] if args.weights else None,
         grid_step=args.grid_step,
+        seeds=[int(x) for x in args.seeds.split(",") if x.strip()],
+        evaluate=args.evaluate,
+        train=args.train,
         train_args=train_args,
         train_command=shlex.split(args.train_command) if args.train_command else None,
         max_attempts=args.max_attempts,

@@ -70,6 +70,8 @@ DONE_MARKER = "DONE.json"
 """Name of the per-point completion marker (written atomically after a successful training run)."""
 EVAL_FILE = "eval.json"
 """Name of the per-point evaluation result."""
+REFERENCE_FILE = "reference_logps.pt"
+"""The trainer's file of the initial model's log-probs (raco_ds.trainer.loop), shared between points."""
 FRONT_METRICS = ("accuracy", "margin")
 """Per-objective metrics a front (hypervolume, monotonicity, plot) can be drawn in."""
 
@@ -80,6 +82,7 @@ _RESERVED = {
     "--objectives": "objectives", "--objectives.names": "objectives",
     "--output-dir": "output_dir", "--checkpointing.output_dir": "output_dir",
     "--resume": "resume_crashed", "--checkpointing.resume": "resume_crashed",
+    "--seed": "seeds", "--optimisation.seed": "seeds",
 }
 
 
@@ -101,6 +104,9 @@ class SweepConfig:
     """Explicit weight vectors; None: the simplex grid with spacing grid_step."""
     grid_step: float = DEFAULT_STEP
     """Spacing of the default grid: 0.25 gives w_1 in {0, 0.25, 0.5, 0.75, 1} for K = 2, 15 points for K = 3."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """Training seeds (--seed: model init of new parameters, data order, sampling) per weight vector.
+    The held-out split has its own seed (data.split_seed), so every seed is scored on the same pairs."""
     train_args: list[str] = field(default_factory=list)
     """Arguments given to every training run (e.g. --preset tiny --max-steps 12); the same for
     every point so that all start from the same model and data. Must not set the per-point options."""
@@ -117,12 +123,20 @@ class SweepConfig:
     """Per-objective metric of the fronts: "accuracy" (held-out preference accuracy) or "margin"."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for the training subprocesses (e.g. OMP_NUM_THREADS)."""
+    train: bool = True
+    """Train the points that are not finished. False: only evaluate the points already trained
+    (e.g. a second process scoring finished points while the first one trains the rest)."""
+    evaluate: bool = True
+    """Evaluate each point right after training. False: train only (e.g. while the evaluation is
+    configured elsewhere); a later call with evaluate on scores the trained points."""
 
     def __post_init__(self) -> None:
         if not self.aggregators or len(set(self.aggregators)) != len(self.aggregators):
             raise ValueError(f"aggregators={self.aggregators} must be non-empty and without duplicates, e.g. raco,linear")
         if not self.objectives or len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"objectives={self.objectives} must be non-empty and without duplicates, e.g. helpful,harmless")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} must be non-empty and without duplicates, e.g. 0,1")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.timeout_s is not None and not self.timeout_s > 0:
@@ -149,8 +163,10 @@ class SweepConfig:
         return grid
 
     def points(self) -> list[SweepPoint]:
-        """Every (aggregator, weights) point, aggregator-major."""
-        return [SweepPoint(aggregator=a, weights=w) for a in self.aggregators for w in self.grid()]
+        """Every (aggregator, weights, seed) point, seed-major (a partial sweep covers every
+        aggregator and weight at the first seed before any second seed), then aggregator-major."""
+        return [SweepPoint(aggregator=a, weights=w, seed=s) for s in self.seeds for a in self.aggregators
+                for w in self.grid()]
 
     def command(self) -> list[str]:
         """The training program (``train_command`` or this Python with launchers/train.py)."""
@@ -165,11 +181,13 @@ class SweepPoint:
     """Aggregator name (raco_ds.solver)."""
     weights: Weights
     """User weights on the simplex, in objective order."""
+    seed: int = 0
+    """Training seed (--seed)."""
 
     @property
     def name(self) -> str:
-        """Folder name below ``points/``: ``<aggregator>/w<w1>_<w2>...``."""
-        return f"{self.aggregator}/w{format_weights(self.weights).replace(',', '_')}"
+        """Folder name below ``points/``: ``<aggregator>/w<w1>_<w2>.../s<seed>``."""
+        return f"{self.aggregator}/w{format_weights(self.weights).replace(',', '_')}/s{self.seed}"
 
     def folder(self, output_dir: str | Path) -> Path:
         """This point's folder in the sweep."""
@@ -183,7 +201,8 @@ class PointOutcome:
     point: SweepPoint
     """The point."""
     status: str
-    """"skipped" (already trained), "trained", or "failed" (no successful attempt, or its evaluation raised)."""
+    """"skipped" (already trained), "trained", "pending" (not trained, train=False), or "failed"
+    (no successful attempt, or its evaluation raised)."""
     attempts: int = 0
     """Training attempts made in this call."""
     train_seconds: float = math.nan
@@ -284,6 +303,7 @@ def _train_argv(cfg: SweepConfig, point: SweepPoint, train_dir: Path, resume: bo
         "--objectives", ",".join(cfg.objectives),
         "--weights", ",".join(repr(w) for w in point.weights),
         "--aggregator", point.aggregator,
+        "--seed", str(point.seed),
         "--output-dir", str(train_dir),
     ]
     return argv + ["--resume"] if resume else argv
@@ -319,6 +339,8 @@ def _train_point(cfg: SweepConfig, point: SweepPoint) -> PointOutcome:
         logger.info("%s: already trained (%s), skipped", point.name, marker)
         return PointOutcome(point, "skipped", 0, float(done.get("train_seconds", math.nan)))
 
+    if not cfg.train:
+        return PointOutcome(point, "pending")
     folder.mkdir(parents=True, exist_ok=True)
     train_dir = folder / "train"
     for attempt in range(1, cfg.max_attempts + 1):
@@ -327,6 +349,8 @@ def _train_point(cfg: SweepConfig, point: SweepPoint) -> PointOutcome:
             # A crashed attempt's partial checkpoints/export must not be mistaken for results.
             logger.info("%s: removing the partial output of a crashed attempt", point.name)
             shutil.rmtree(train_dir)
+        if not resume:
+            _share_reference_scores(cfg, train_dir)
         argv = _train_argv(cfg, point, train_dir, resume)
         logger.info("%s: training (attempt %d/%d)", point.name, attempt, cfg.max_attempts)
         start = time.perf_counter()
@@ -336,6 +360,7 @@ def _train_point(cfg: SweepConfig, point: SweepPoint) -> PointOutcome:
             write_json_atomic(marker, {
                 "aggregator": point.aggregator,
                 "weights": list(point.weights),
+                "seed": point.seed,
                 "objectives": cfg.objectives,
                 "argv": argv,
                 "train_seconds": seconds,
@@ -346,6 +371,30 @@ def _train_point(cfg: SweepConfig, point: SweepPoint) -> PointOutcome:
         logger.warning("%s: attempt %d exited with code %d after %.1f s; see %s",
                        point.name, attempt, code, seconds, folder / "train.log")
     return PointOutcome(point, "failed", cfg.max_attempts)
+
+
+def _progress(outcomes: Sequence[PointOutcome], total: int, elapsed: float) -> str:
+    """Elapsed time and a remaining-time estimate from the points that ran in this call."""
+    ran = sum(o.status in ("trained", "failed") for o in outcomes)
+    left = total - len(outcomes)
+    eta = f", about {elapsed / ran * left / 60:.0f} min left" if ran and left else ""
+    return f"{elapsed / 60:.1f} min{eta}"
+
+
+def _share_reference_scores(cfg: SweepConfig, train_dir: Path) -> None:
+    """Give a new point the initial model's log-probs that a finished point computed.
+
+    Every point starts from the same model and data, so they are the same numbers; scoring them
+    again is most of a short CPU point's time. The trainer checks the file's key (data
+    fingerprint, model, pair indices) and recomputes it on any mismatch, so a stale file costs
+    time, never correctness.
+    """
+    for done in sorted(Path(cfg.output_dir).glob(f"points/*/*/*/{DONE_MARKER}")):
+        source = done.parent / "train" / REFERENCE_FILE
+        if source.is_file():
+            train_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, train_dir / REFERENCE_FILE)
+            return
 
 
 def _evaluate_point(point: SweepPoint, folder: Path, evaluator: Evaluator) -> dict[str, float]:
@@ -391,7 +440,8 @@ def front_summary(
 def _rows(cfg: SweepConfig, outcomes: Sequence[PointOutcome]) -> list[dict[str, Any]]:
     rows = []
     for o in outcomes:
-        row: dict[str, Any] = {"aggregator": o.point.aggregator, "weights": format_weights(o.point.weights)}
+        row: dict[str, Any] = {"aggregator": o.point.aggregator, "weights": format_weights(o.point.weights),
+                               "seed": o.point.seed}
         row.update({f"w/{name}": w for name, w in zip(cfg.objectives, o.point.weights)})
         row.update({"status": o.status, "train_seconds": round(o.train_seconds, 2)})
         row.update(o.metrics)
@@ -466,16 +516,18 @@ def run_sweep(cfg: SweepConfig, evaluator: Evaluator | None = None) -> SweepResu
 
     outcomes = []
     points = cfg.points()
+    started = time.perf_counter()
     for i, point in enumerate(points, 1):
         outcome = _train_point(cfg, point)
-        if outcome.status != "failed":
+        if outcome.status in ("skipped", "trained") and cfg.evaluate:
             try:
                 outcome.metrics = _evaluate_point(point, point.folder(out), evaluator)
             except Exception:  # one broken export must not cost the rest of the sweep
                 logger.exception("%s: evaluation failed; the next call evaluates it again", point.name)
                 outcome.status = "failed"
-        logger.info("[%d/%d] %s %s %s", i, len(points), point.name, outcome.status,
-                    " ".join(f"{k}={v:.3f}" for k, v in outcome.metrics.items() if k.startswith(cfg.front_metric)))
         outcomes.append(outcome)
+        logger.info("[%d/%d] %s %s %s (%s)", i, len(points), point.name, outcome.status,
+                    " ".join(f"{k}={v:.3f}" for k, v in outcome.metrics.items() if k.startswith(cfg.front_metric)),
+                    _progress(outcomes, len(points), time.perf_counter() - started))
     summary, files = _write_outputs(cfg, outcomes)
     return SweepResult(outcomes=outcomes, summary=summary, files=files)

@@ -49,6 +49,8 @@ class DataSplit:
     """Held-out pair indices (all pools together)."""
     num_eval_groups: int = 0
     """Leakage groups (prompts, joined where they share a response) the held-out pairs come from."""
+    groups: list[int] | None = None
+    """Leakage group id of every pair of the dataset (the clusters of the evaluation's bootstrap)."""
 
     def describe(self) -> str:
         """One log line: the split's sizes and the no-leak guarantee."""
@@ -99,7 +101,7 @@ def split_pairs(dataset: PreferenceDataset, cfg: TrainConfig, groups: Sequence[i
     responses. ConfigError if there is too little data.
     """
     if groups is None:
-        groups = range(len(dataset))
+        groups = list(range(len(dataset)))
     elif len(groups) != len(dataset):
         raise ValueError(f"got {len(groups)} group ids for {len(dataset)} pairs; pass one per pair of the dataset")
     pools = (
@@ -136,7 +138,7 @@ def split_pairs(dataset: PreferenceDataset, cfg: TrainConfig, groups: Sequence[i
                 "leaves none to train on. Lower --data.num_eval_pairs or use more data"
             )
         train_pools.append(rest if cfg.data.num_train_pairs is None else rest[: cfg.data.num_train_pairs])
-    return DataSplit(train_pools, eval_indices, len(held_out))
+    return DataSplit(train_pools, eval_indices, len(held_out), list(groups))
 
 
 class BatchStream:

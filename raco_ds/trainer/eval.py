@@ -22,16 +22,33 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from raco_ds.data.batch import PreferenceCollator
 from raco_ds.data.tokenization import PreferenceDataset
+from raco_ds.evaluation.bootstrap import Estimate, ItemValues
+from raco_ds.evaluation.preference import SUBSETS, preference_items
 from raco_ds.logprobs import response_logps
 from raco_ds.losses import preference_losses
 
-__all__ = ["EVAL_METRICS", "PairScores", "evaluate", "policy_logps", "score_pairs"]
+__all__ = [
+    "EVAL_METRICS",
+    "HELDOUT_SCORES_FILE",
+    "PairScores",
+    "evaluate",
+    "format_intervals",
+    "heldout_items",
+    "load_heldout_scores",
+    "policy_logps",
+    "save_heldout_scores",
+    "score_pairs",
+]
+
+HELDOUT_SCORES_FILE = "heldout_logps.pt"
+"""The trained model's held-out scores, written to the run folder (an evaluator reuses them)."""
 
 EVAL_METRICS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "likelihood_accuracy")
 """The per-objective metrics :func:`evaluate` returns."""
@@ -129,3 +146,58 @@ def evaluate(
         "likelihood_accuracy": likelihood.accuracy.tolist(),
         "num_pairs": out.num_pairs.tolist(),
     }
+
+
+def save_heldout_scores(path: str | Path, dataset: PreferenceDataset, indices: Sequence[int], scores: PairScores) -> None:
+    """Write ``scores`` of the held-out ``indices``, keyed by the tokenised data, atomically."""
+    path = Path(path)
+    tmp = path.with_name(".tmp-" + path.name)
+    key = {"dataset": dataset.fingerprint, "indices": list(indices)}
+    torch.save({"key": key, "logps": scores.logps, "lengths": scores.lengths}, tmp)
+    tmp.replace(path)
+
+
+def load_heldout_scores(path: str | Path, dataset: PreferenceDataset, indices: Sequence[int]) -> PairScores | None:
+    """The scores :func:`save_heldout_scores` wrote, or None when missing or for other data/pairs."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=False)
+    if saved["key"] != {"dataset": dataset.fingerprint, "indices": list(indices)}:
+        return None
+    return PairScores(saved["logps"], saved["lengths"])
+
+
+def heldout_items(
+    policy: PairScores,
+    reference: PairScores | None,
+    dataset: PreferenceDataset,
+    indices: Sequence[int],
+    groups: Sequence[int] | None,
+    *,
+    loss: str,
+    beta: float,
+) -> dict[str, ItemValues]:
+    """Per-pair accuracy and margin per objective on all / disagreeing / agreeing held-out pairs
+    (raco_ds.evaluation.preference), clustered by prompt group for the bootstrap."""
+    index = torch.as_tensor(list(indices), dtype=torch.long)
+    labels = torch.tensor([dataset[i].labels for i in indices], dtype=torch.long).reshape(len(index), -1).T
+    clusters = [f"g{groups[i] if groups is not None else i}" for i in indices]
+    return preference_items(
+        policy.logps[index], None if reference is None else reference.logps[index], policy.lengths[index],
+        labels, clusters, dataset.objective_names, loss=loss, beta=beta,
+    )
+
+
+def format_intervals(intervals: dict[str, Estimate], names: Sequence[str], metrics: Sequence[str]) -> str:
+    """A table of ``metric[subset]/objective`` estimates with their 95% intervals and pair counts."""
+    labels = {"": "all pairs", "_disagree": "objectives disagree", "_agree": "objectives agree"}
+    lines = [f"  {'objective':<14}{'metric':<10}" + "".join(f"{labels[s]:>30}" for s in SUBSETS)]
+    for name in names:
+        for metric in metrics:
+            cells = []
+            for suffix in SUBSETS:
+                est = intervals.get(f"{metric}{suffix}/{name}")
+                cells.append(f"{'-':>30}" if est is None or not est.n else f"{f'{est} (n={est.n})':>30}")
+            lines.append(f"  {name if metric == metrics[0] else '':<14}{metric:<10}" + "".join(cells))
+    return "\n".join(lines)

@@ -5,9 +5,10 @@
 0. setup       distributed (gloo on CPU), threads, seeds, run folder + lock, signals
 1. build       tokenizer and model (bottom frozen), data split and streams, the
                DeepSpeed engine ("auto" fields filled from the config), RacoHook
-2. resume      engine + trainer state from the latest complete checkpoint
-3. reference   the initial model's log-probs of every used pair, computed once
-               and saved in the run folder (a resumed run reuses them)
+2. reference   the initial model's log-probs of every used pair, computed once
+               and saved in the run folder (a resumed run reuses them, or
+               recomputes a missing or damaged file before loading its checkpoint)
+3. resume      engine + trainer state from the newest verified checkpoint
 4. evaluate    held-out per-objective accuracy before training
 5. loop        fetch -> per-objective passes -> hook.step() -> log -> eval -> checkpoint
 6. finish      evaluate after, final checkpoint, HF export, console summary
@@ -21,6 +22,7 @@ the engine. Which capture ran is logged at start-up and in TensorBoard's text.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -39,10 +41,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raco_ds.diskcache import atomic_file
 from raco_ds.trainer.config import ConfigError, TrainConfig, save_config
 from raco_ds.trainer.metrics import TAGS, MetricsWriter, memory_scalars, raco_scalars
 
-__all__ = ["RunResult", "train"]
+__all__ = ["RunResult", "TooManySkippedSteps", "train"]
 
 logger = logging.getLogger("raco_ds.trainer")
 
@@ -71,6 +74,9 @@ class RunResult:
     """Wall time of train()."""
     history: list[dict[str, float]] = field(default_factory=list)
     """The per-step scalars logged in this process (also in <output_dir>/metrics.jsonl)."""
+    intervals: dict[str, Any] = field(default_factory=dict)
+    """Held-out accuracy/margin after training with bootstrap 95% intervals, per objective on all,
+    disagreeing and agreeing pairs ({"<metric><subset>/<objective>": Estimate})."""
 
 
 # ---------------------------------------------------------------------------
@@ -220,6 +226,8 @@ class _Run:
     out: Path
     capture: Any = None
     """The step's capture strategy (raco_ds.trainer.capture), chosen once after the hook exists."""
+    nonfinite_objective: int | None = None
+    """The objective whose loss is made NaN in the current step (debug.inject_nonfinite), or None."""
 
     def losses_from_logits(self, batch, logits: torch.Tensor):
         """(PreferenceLosses, summed response log-probs (2B,)) of a micro-batch from its logits."""
@@ -234,6 +242,10 @@ class _Run:
             loss=self.cfg.loss.name, beta=self.cfg.loss.beta, lengths_a=tokens[:b], lengths_b=tokens[b:],
             **self.cfg.loss.options,
         )  # fmt: skip
+        if self.nonfinite_objective is not None:
+            factor = torch.ones_like(out.losses)
+            factor[self.nonfinite_objective] = float("nan")
+            out = dataclasses.replace(out, losses=out.losses * factor)  # NaN, and so is its gradient
         return out, logps
 
     def losses(self, batch):
@@ -265,7 +277,7 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
             f"objectives.names={cfg.objectives.names} but data {dc.dataset!r} has objectives "
             f"{list(spec.objective_names)}; pass --objectives {','.join(spec.objective_names)}"
         )
-    pairs = load_preference_data(spec)
+    pairs = load_preference_data(spec, skip_invalid=True if dc.skip_invalid else None)  # None: the preset's own
     dataset = tokenize_preference_data(
         pairs, tokenizer, TokenizationConfig(max_length=dc.max_length, max_prompt_length=dc.max_prompt_length)
     )
@@ -339,40 +351,41 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, out: P
 
 
 def _reference(run: _Run, resumed: bool):
-    """The initial model's scores of every train and held-out pair, computed once per run folder."""
-    from raco_ds.losses import get_loss
-    from raco_ds.trainer.eval import PairScores, score_pairs
+    """The initial model's scores of every train and held-out pair, computed once per run folder.
 
-    path = run.out / "reference_logps.pt"
+    Called before a resumed run loads its checkpoint, so a missing or damaged file is
+    recomputed from the same initial weights instead of ending the run.
+    """
+    from raco_ds.losses import get_loss
+    from raco_ds.models import model_identity
+    from raco_ds.trainer.eval import score_pairs
+    from raco_ds.trainer.reference_cache import REFERENCE_FILE, OtherRunReferenceError, load_reference, save_reference
+
+    path = run.out / REFERENCE_FILE
     reference_free = get_loss(run.cfg.loss.name).reference_free
     indices = sorted(set(run.split.eval_indices).union(*([] if reference_free else run.split.train_pools)))
-    from raco_ds.models import model_identity
-
     # Valid for the same tokenised data, the same initial weights and the same pairs (a rerun reuses it).
     key = {
         "dataset": run.dataset.fingerprint,
         "model": model_identity(run.cfg.model.name_or_path, run.cfg.model.dtype),
         "indices": indices,
     }
-    if path.is_file():
-        saved = torch.load(path, weights_only=False)
-        if saved["key"] == key:
-            return PairScores(saved["logps"], saved["lengths"])
+    try:
+        cached = load_reference(path, key)
+    except OtherRunReferenceError as err:
         if resumed:
             raise ConfigError(
-                f"{path} was computed for other data or another model ({saved['key']}); a resumed run must keep "
-                "--model and the data options of the run it resumes"
-            )
-    elif resumed:
-        raise ConfigError(f"cannot resume: {path} (the initial model's log-probs) is missing from the run folder")
+                f"{err}; a resumed run must keep --model and the data options of the run it resumes"
+            ) from None
+        cached = None
+    if cached is not None:
+        return cached
     started = time.perf_counter()
     scores = score_pairs(run.engine, run.dataset, indices, run.cfg.logging.eval_batch_size, run.collator)
     logger.info("reference log-probs of %d pairs in %.1fs (the initial model is the reference)",
                 len(indices), time.perf_counter() - started)  # fmt: skip
     if run.rank == 0:
-        tmp = path.with_name(".tmp-" + path.name)
-        torch.save({"key": key, "logps": scores.logps, "lengths": scores.lengths}, tmp)
-        os.replace(tmp, path)
+        save_reference(path, key, scores)
     return scores
 
 
@@ -408,6 +421,40 @@ class _StepRecord:
         pairs = sums[:, -1:]
         means = torch.where(pairs > 0, sums[:, :-1] / pairs.clamp_min(1), torch.full_like(sums[:, :-1], float("nan")))
         return means, int(flat[-1])
+
+
+class TooManySkippedSteps(RuntimeError):
+    """``raco.max_consecutive_skips`` steps in a row were skipped for non-finite gradients."""
+
+
+class _SkipCounter:
+    """Counts steps skipped in a row for non-finite gradients and stops the run past the limit."""
+
+    def __init__(self, limit: int, names: list[str]) -> None:
+        self.limit, self.names = limit, names
+        self.steps: list[int] = []
+        self.objectives: set[int] = set()
+
+    def count(self, step: int, stats, checkpoints: Path) -> None:
+        """Note ``step``'s outcome; raise :class:`TooManySkippedSteps` at the limit (no checkpoint is written)."""
+        if not stats.skipped:
+            self.steps, self.objectives = [], set()
+            return
+        self.steps.append(step)
+        self.objectives.update(stats.nonfinite_objectives)
+        logger.warning("step %d skipped: non-finite gradient in %s", step,
+                       ", ".join(self.names[k] for k in stats.nonfinite_objectives))  # fmt: skip
+        if self.limit and len(self.steps) >= self.limit:
+            from raco_ds.trainer.checkpoint import find_latest
+
+            latest = find_latest(checkpoints)
+            raise TooManySkippedSteps(
+                f"{len(self.steps)} consecutive steps ({self.steps[0]}-{self.steps[-1]}) skipped for non-finite "
+                f"gradients in {sorted(self.names[k] for k in self.objectives)}; stopping "
+                + (f"(the last checkpoint, {latest}, is untouched; resume from it with --resume). " if latest
+                   else "(no checkpoint was written). ")
+                + "Lower optimisation.lr, check those objectives' data, or raise raco.max_consecutive_skips"
+            )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -457,9 +504,18 @@ def format_summary(result: RunResult) -> str:
         "  (reward accuracy is 0 before training by construction: the reference is the initial model, so every "
         "implicit reward starts at 0;\n   likelihood accuracy is the model's own preference, comparable before and after)"
     )
+    if result.intervals:
+        from raco_ds.trainer.eval import format_intervals
+
+        lines.append("held-out after training, mean [95% bootstrap interval over prompts] (n = pairs); "
+                     "both are 0 before training. Learning shows where an interval excludes 0 (margin) or 0.5 "
+                     "(accuracy):")
+        lines.append(format_intervals(result.intervals, result.objectives, ("margin", "accuracy")))
     lines.append(
         f"run folder: {result.output_dir}" + (f"; HF export: {result.export_dir}" if result.export_dir else "")
     )
+    lines.append("next: the same comparison over weights, aggregators and seeds, with generation judges: "
+                 "python launchers/sweep.py --help (recorded runs: benchmarks/quality/README.md)")
     return "\n".join(lines)
 
 
@@ -498,44 +554,59 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line torn by a crash mid-write
+        return None
+
+
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop lines logged after ``last_step`` (a crashed run may have logged steps it never checkpointed)."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in path.read_text().splitlines() if (n := _logged_step(line)) is not None and n <= last_step]
+        with atomic_file(path) as tmp:  # a crash now must not cost the lines kept
+            tmp.write_text("".join(line + "\n" for line in kept))
 
 
-def _checked_resume_point(cfg: TrainConfig, root: Path, world: int) -> Path | None:
-    """The checkpoint this run continues from, refused now (before minutes of model loading) if it cannot."""
+def _checked_resume_point(cfg: TrainConfig, root: Path, world: int):
+    """The verified checkpoint this run continues from (or None), refused now, before minutes of model loading,
+    if it cannot: the newest intact one, passing over damaged ones (``--resume strict`` stops instead)."""
     from raco_ds.trainer import checkpoint as ckpt
 
-    latest = ckpt.find_latest(root)
-    if latest is None:
+    if ckpt.find_latest(root) is None:
         return None
     if not cfg.checkpointing.resume:
         raise ConfigError(
             f"{root.parent} already holds checkpoints; pass --resume to continue that run, or a new --output-dir"
         )
-    state = ckpt.read_trainer_state(latest)
+    latest = ckpt.find_resumable(root, strict=cfg.checkpointing.resume == "strict")
+    for damage in latest.damaged:
+        logger.warning("%s; resuming from the newest intact checkpoint %s", damage, latest.folder.name)
     names, weights = list(cfg.objectives.names), cfg.objectives.weights
-    for note in ckpt.check_compatible(state, latest, names, world, weights, cfg.raco.aggregator):
+    for note in ckpt.check_compatible(latest.state, latest.folder, names, world, weights, cfg.raco.aggregator):
         logger.warning(note)
     return latest
 
 
-def _resume(run: _Run, latest: Path) -> tuple[int, int]:
-    """Load engine, RNG, hook state and data positions from ``latest``; (step, tokens seen)."""
+def _resume(run: _Run, latest) -> tuple[int, int]:
+    """Load engine, RNG, hook state and data positions from the verified checkpoint ``latest``; (step, tokens)."""
     from raco_ds.trainer.checkpoint import load_checkpoint
 
     state = load_checkpoint(run.engine, latest, run.names, run.hook)
     for stream, position in zip(run.streams, state.data_position["streams"]):
         stream.load_state_dict(position)
-    logger.info("resumed from %s at step %d", latest, state.step)
+    logger.info("resumed from %s at step %d", latest.folder, state.step)
     return state.step, state.tokens_seen
 
 
-def train(cfg: TrainConfig) -> RunResult:
-    """Run the whole job described by ``cfg`` (on every rank) and return its result."""
+def train(cfg: TrainConfig, stopper=None) -> RunResult:
+    """Run the whole job described by ``cfg`` (on every rank) and return its result.
+
+    ``stopper``: an installed :class:`raco_ds.preemption.PreemptionHandler` (a launcher
+    installs one before its heavy imports, so that no early signal kills the job); None
+    installs one here for the duration of the run.
+    """
     # -- 0. setup -------------------------------------------------------------------------------
     t_start = time.perf_counter()
     rank, world, device = setup_distributed()
@@ -548,7 +619,8 @@ def train(cfg: TrainConfig) -> RunResult:
     from raco_ds.preemption import OutputDirLock, PreemptionHandler
 
     lock = OutputDirLock(out).acquire() if rank == 0 else None
-    stopper = PreemptionHandler().install()
+    own_stopper = stopper is None
+    stopper = PreemptionHandler().install() if own_stopper else stopper
     if rank == 0:
         save_config(cfg, out / "config.yaml")
     if world > 1:
@@ -559,15 +631,15 @@ def train(cfg: TrainConfig) -> RunResult:
         run = _build(cfg, rank, world, device, out)
         engine, names = run.engine, run.names
 
-        # -- 2. resume (before the reference, which a resumed run reuses rather than recomputes) --
-        step, tokens_seen = _resume(run, latest) if latest is not None else (0, 0)
-        if latest is None and cfg.checkpointing.resume:
-            logger.info("--resume: no complete checkpoint in %s; starting from step 0", ckpt_root)
-
-        # -- 3. reference log-probs of the initial model ---------------------------------------
+        # -- 2. reference log-probs of the initial model (still the initial weights: before resume) --
         reference = _reference(run, resumed=latest is not None)
         if not get_loss_reference_free(cfg):
             run.collator.reference_logps = reference.logps.to(torch.float32)
+
+        # -- 3. resume ------------------------------------------------------------------------
+        step, tokens_seen = _resume(run, latest) if latest is not None else (0, 0)
+        if latest is None and cfg.checkpointing.resume:
+            logger.info("--resume: no complete checkpoint in %s; starting from step 0", ckpt_root)
 
         writer = MetricsWriter(out / "tensorboard", enabled=cfg.logging.tensorboard, rank=rank,
                                purge_step=step + 1 if step else None)  # fmt: skip
@@ -583,7 +655,8 @@ def train(cfg: TrainConfig) -> RunResult:
             # The reference is the initial policy: its scores of the held-out pairs are the "before" scores.
             eval_before = _evaluate(run, reference, scores=reference)
             if rank == 0:
-                before_file.write_text(json.dumps(eval_before))
+                with atomic_file(before_file) as tmp:
+                    tmp.write_text(json.dumps(eval_before))
             writer.scalars(_eval_scalars(eval_before, names), 0)
         else:
             eval_before = json.loads(before_file.read_text()) if before_file.is_file() else None
@@ -597,13 +670,16 @@ def train(cfg: TrainConfig) -> RunResult:
 
             progress = tqdm(total=opt.max_steps, initial=step, desc="raco", dynamic_ncols=True, file=sys.stdout)
         steps_this_job = 0
+        injected, skips = cfg.debug.nonfinite_target(names), _SkipCounter(cfg.raco.max_consecutive_skips, names)
         while step < opt.max_steps:
             step_started = time.perf_counter()
             lr = float(engine.get_lr()[0]) if engine.lr_scheduler is not None else opt.lr
             record = _StepRecord(len(names))
+            run.nonfinite_objective = injected[1] if injected and injected[0] == step + 1 else None
             stats = run.capture.step(run, record)  # the passes, then hook.step() (the optimizer step)
             step += 1
             steps_this_job += 1
+            skips.count(step, stats, ckpt_root)
             seconds = time.perf_counter() - step_started
             means, tokens = record.reduced(world)
             tokens_seen += tokens
@@ -644,10 +720,17 @@ def train(cfg: TrainConfig) -> RunResult:
 
         # -- 6. finish: evaluate after, checkpoint, export, summary -----------------------------
         result.step = step
-        result.eval_after = _evaluate(run, reference)
+        from raco_ds.evaluation.bootstrap import estimates
+        from raco_ds.trainer.eval import HELDOUT_SCORES_FILE, heldout_items, save_heldout_scores, score_pairs
+
+        scores = score_pairs(engine, run.dataset, run.split.eval_indices, cfg.logging.eval_batch_size, run.collator)
+        result.eval_after = _evaluate(run, reference, scores=scores)
+        result.intervals = estimates(heldout_items(scores, reference, run.dataset, run.split.eval_indices,
+                                                   run.split.groups, loss=cfg.loss.name, beta=cfg.loss.beta))
         writer.scalars(_eval_scalars(result.eval_after, names), step)
         if rank == 0:
             (out / "eval_after.json").write_text(json.dumps(result.eval_after))
+            save_heldout_scores(out / HELDOUT_SCORES_FILE, run.dataset, run.split.eval_indices, scores)
         if cc.save_final and not (cc.save_every and step % cc.save_every == 0):
             _save(run, ckpt_root, step, tokens_seen)
         if cc.export:
@@ -662,7 +745,8 @@ def train(cfg: TrainConfig) -> RunResult:
             print(f"[raco] done: {step} steps in {result.seconds:.0f}s", flush=True)
         return result
     finally:
-        stopper.uninstall()
+        if own_stopper:
+            stopper.uninstall()
         if lock is not None:
             lock.release()
 
