@@ -51,6 +51,9 @@ class DataSplit:
     """Leakage groups (prompts, joined where they share a response) the held-out pairs come from."""
     groups: list[int] | None = None
     """Leakage group id of every pair of the dataset (the clusters of the evaluation's bootstrap)."""
+    eval_users: dict[int, str] | None = None
+    """Held-out pair index -> the last user turn of its prompt as plain text (for judges that
+    render conversations in their own format); None when the split was made without texts."""
 
     def describe(self) -> str:
         """One log line: the split's sizes and the no-leak guarantee."""
@@ -93,17 +96,20 @@ def leakage_groups(pairs: Sequence[PreferencePair]) -> list[int]:
     return [ids.setdefault(find(keys(pair)[0]), len(ids)) for pair in pairs]
 
 
-def split_pairs(dataset: PreferenceDataset, cfg: TrainConfig, groups: Sequence[int] | None = None) -> DataSplit:
+def split_pairs(
+    dataset: PreferenceDataset, cfg: TrainConfig, pairs: Sequence[PreferencePair] | None = None
+) -> DataSplit:
     """Seeded held-out/train split by whole leakage groups (see the module docstring).
 
-    ``groups``: a group id per pair of ``dataset`` (:func:`leakage_groups` of its texts); None
-    treats every pair as its own group, which is only safe for data without repeated prompts or
-    responses. ConfigError if there is too little data.
+    ``pairs``: the texts ``dataset`` was tokenised from, one per pair (their
+    :func:`leakage_groups` decide what must stay together); None treats every pair as its own
+    group, which is only safe for data without repeated prompts or responses. ConfigError if
+    there is too little data.
     """
-    if groups is None:
-        groups = list(range(len(dataset)))
-    elif len(groups) != len(dataset):
-        raise ValueError(f"got {len(groups)} group ids for {len(dataset)} pairs; pass one per pair of the dataset")
+    if pairs is not None and len(pairs) != len(dataset):
+        raise ValueError(f"got {len(pairs)} pair texts for {len(dataset)} tokenised pairs; pass the pairs the "
+                         "dataset was tokenised from")
+    groups = leakage_groups(pairs) if pairs is not None else list(range(len(dataset)))
     pools = (
         [list(range(len(dataset)))]
         if dataset.shared
@@ -138,7 +144,9 @@ def split_pairs(dataset: PreferenceDataset, cfg: TrainConfig, groups: Sequence[i
                 "leaves none to train on. Lower --data.num_eval_pairs or use more data"
             )
         train_pools.append(rest if cfg.data.num_train_pairs is None else rest[: cfg.data.num_train_pairs])
-    return DataSplit(train_pools, eval_indices, len(held_out), list(groups))
+    users = None if pairs is None else {
+        i: next((m["content"] for m in reversed(pairs[i].prompt) if m["role"] == "user"), "") for i in eval_indices}
+    return DataSplit(train_pools, eval_indices, len(held_out), list(groups), users)
 
 
 class BatchStream:

@@ -261,7 +261,7 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
     from raco_ds.data.objectives import PRESETS as DATA_PRESETS
     from raco_ds.data.objectives import get_preset, trl_spec
     from raco_ds.data.tokenization import TokenizationConfig, tokenize_preference_data
-    from raco_ds.trainer.data import BatchStream, leakage_groups, split_pairs
+    from raco_ds.trainer.data import BatchStream, split_pairs
 
     dc = cfg.data
     if dc.dataset in DATA_PRESETS:
@@ -282,7 +282,7 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
         pairs, tokenizer, TokenizationConfig(max_length=dc.max_length, max_prompt_length=dc.max_prompt_length)
     )
     collator = PreferenceCollator(pad_token_id=dataset.pad_token_id, num_objectives=dataset.num_objectives)
-    split = split_pairs(dataset, cfg, leakage_groups(pairs.pairs))
+    split = split_pairs(dataset, cfg, pairs.pairs)
     # One stream per pool, each with its own seed so objectives do not see their pairs in lockstep.
     streams = [
         BatchStream(dataset, pool, collator, micro_batch_size=cfg.optimisation.micro_batch_size, world_size=world,
