@@ -24,28 +24,47 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from raco_ds.trainer.config import ConfigError, help_text, parse_args
+# Before any heavy import: SLURM's USR1 (or a TERM) from the first moment on becomes a flag the
+# loop polls, so an early signal ends in a checkpoint and a requeue, not in a dead job.
+from raco_ds.preemption import PreemptionHandler  # noqa: E402 - stdlib only
+
+STOPPER = PreemptionHandler().install() if __name__ == "__main__" else None
+
+from raco_ds.trainer.config import ConfigError, help_text, parse_args  # noqa: E402
+
+DEBUG_FLAG = "--debug"
+"""Print the traceback of a user error too (the launcher's own flag; ``--debug.*`` options are config)."""
 
 
 def main(argv: list[str]) -> int:
     """Parse, build and train; return the process exit status."""
     if "--help" in argv or "-h" in argv:
         print(help_text())
+        print(f"  {DEBUG_FLAG}\n      Print the traceback of errors that are reported as one 'error:' line.")
         return 0
+    debug = DEBUG_FLAG in argv
+    argv = [arg for arg in argv if arg != DEBUG_FLAG]
     try:
         cfg = parse_args(argv)
     except ConfigError as err:  # a typo must not cost a DeepSpeed start-up
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from raco_ds.trainer.checkpoint import CheckpointError
     from raco_ds.trainer.loop import train
+    from raco_ds.user_errors import EXIT_USER_ERROR, user_error_line
 
     try:
-        train(cfg)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        train(cfg, stopper=STOPPER)
+    except Exception as err:
+        line = user_error_line(err)
+        if line is None:
+            raise
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(line, file=sys.stderr)
+        return EXIT_USER_ERROR
     finally:
         import torch.distributed as dist
 

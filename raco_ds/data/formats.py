@@ -52,8 +52,10 @@ _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 
 
 def _field(row: dict[str, Any], name: str, where: RowRef) -> Any:
-    if name not in row or row[name] is None:
+    if name not in row:
         raise InvalidRowError(where, name, f"missing field {name!r} (row has {sorted(row)})")
+    if row[name] is None:
+        raise InvalidRowError(where, name, f"{name!r} is null (the row records no value for it)")
     return row[name]
 
 

@@ -6,7 +6,7 @@ outside its allowed values, an empty response, broken JSON) raises
 ``skip_invalid=True`` (argument, or the spec's field) the row is skipped,
 counted in :attr:`PreferenceData.skipped` and summarised in one log warning.
 Either way, an objective left without a single non-tie pair is a
-``ValueError`` here, before any training starts.
+:class:`DataError` here, before any training starts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from raco_ds.data.formats import ScoredStats, parse_per_objective, parse_scored, parse_shared
 from raco_ds.data.objectives import DatasetSpec
 from raco_ds.data.readers import read_rows
-from raco_ds.data.records import InvalidRowError, PreferencePair, SkipLog
+from raco_ds.data.records import DataError, InvalidRowError, PreferencePair, SkipLog
 
 __all__ = ["PreferenceData", "content_hash", "load_preference_data"]
 
@@ -114,7 +114,7 @@ def load_preference_data(spec: DatasetSpec, skip_invalid: bool | None = None) ->
 
     ``skip_invalid`` overrides ``spec.skip_invalid`` when given. Raises
     :class:`InvalidRowError` on the first malformed row (unless skipping) and
-    ``ValueError`` when an objective has no usable (non-tie) pair.
+    :class:`DataError` when an objective has no usable (non-tie) pair.
     """
     skip = spec.skip_invalid if skip_invalid is None else skip_invalid
     scored = ScoredStats() if spec.format == "scored" else None
@@ -153,7 +153,7 @@ def load_preference_data(spec: DatasetSpec, skip_invalid: bool | None = None) ->
 def _check_every_objective_has_pairs(data: PreferenceData) -> None:
     for name, counts in data.label_counts().items():
         if counts[1] + counts[-1] == 0:
-            raise ValueError(
+            raise DataError(
                 f"objective {name!r} has no usable pairs: all {len(data.pairs)} loaded pairs tie on it or belong to "
                 f"other objectives ({data.skipped.total} rows skipped as invalid); check its label_field / files in "
                 "the dataset spec, or drop the objective"

@@ -14,6 +14,10 @@ Sources:
   1-based record index.
 * an in-memory ``datasets.Dataset`` (e.g. the result of ``load_dataset``).
 
+Every file must be UTF-8: a line that is not is an invalid row (``file:row``
+and the offending byte), so ``skip_invalid`` can skip it like any other. A
+source without a single row is an error naming it.
+
 Nothing is downloaded: a path that does not exist is an error.
 """
 
@@ -25,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from raco_ds.data.records import InvalidRowError, RowRef
+from raco_ds.data.records import DataError, InvalidRowError, RowRef
 
 __all__ = ["RawRow", "read_rows", "source_name"]
 
@@ -44,11 +48,24 @@ def source_name(source: Any) -> str:
 def read_rows(source: Any) -> Iterator[RawRow]:
     """Yield ``(RowRef, row dict | InvalidRowError)`` for every row of ``source``.
 
-    Unreadable rows (broken JSON, a value that is not an object) are yielded
-    as errors, not raised, so the caller can apply its ``skip_invalid`` policy.
-    A missing file or an unknown file type raises ``FileNotFoundError`` /
-    ``ValueError`` at once: no row of such a source can be used.
+    Unreadable rows (broken JSON, bytes that are not UTF-8, a value that is not
+    an object) are yielded as errors, not raised, so the caller can apply its
+    ``skip_invalid`` policy. A missing file raises ``FileNotFoundError``; an
+    unknown file type or a source without rows raises :class:`DataError`: no row
+    of such a source can be used.
     """
+    rows = 0
+    for item in _read_source(source):
+        rows += 1
+        yield item
+    if rows == 0:
+        raise DataError(
+            f"{source_name(source)}: no rows (the file is empty); put preference rows in it, or point --data "
+            "(or the dataset spec) at another file"
+        )
+
+
+def _read_source(source: Any) -> Iterator[RawRow]:
     if not isinstance(source, (str, os.PathLike)):
         yield from _read_dataset(source, source_name(source))
         return
@@ -64,7 +81,7 @@ def read_rows(source: Any) -> Iterator[RawRow]:
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if "train" not in loaded:
-                raise ValueError(
+                raise DataError(
                     f"{path} is a DatasetDict without a 'train' split (splits: {list(loaded)}); save one split"
                 )
             loaded = loaded["train"]
@@ -79,7 +96,7 @@ def read_rows(source: Any) -> Iterator[RawRow]:
         reader = datasets.Dataset.from_parquet if path.suffix == ".parquet" else datasets.Dataset.from_file
         yield from _read_dataset(reader(str(path)), str(path))
     else:
-        raise ValueError(
+        raise DataError(
             f"{path}: unknown data file type {path.suffix!r}; "
             "use .jsonl, .json, .parquet, .arrow or a save_to_disk folder"
         )
@@ -91,12 +108,25 @@ def _as_row(where: RowRef, value: Any) -> dict[str, Any] | InvalidRowError:
     return InvalidRowError(where, "<row>", f"expected a JSON object, got {type(value).__name__}")
 
 
+_NOT_UTF8_FIX = "save the file as UTF-8, or skip such rows with --data.skip_invalid true"
+
+
+def _not_utf8(error: UnicodeDecodeError, column: int) -> str:
+    return f"not UTF-8 (byte 0x{error.object[error.start]:02x} at column {column})"
+
+
 def _read_json_lines(path: Path) -> Iterator[RawRow]:
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # decoded line by line, so a bad byte costs one row, not the file
+        for line_number, raw in enumerate(handle, start=1):
+            where = RowRef(str(path), line_number)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                column = len(raw[: error.start].decode("utf-8", errors="replace")) + 1
+                yield where, InvalidRowError(where, "<encoding>", _not_utf8(error, column), _NOT_UTF8_FIX)
+                continue
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not rows
-            where = RowRef(str(path), line_number)
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as error:
@@ -106,10 +136,18 @@ def _read_json_lines(path: Path) -> Iterator[RawRow]:
 
 
 def _read_json(path: Path) -> Iterator[RawRow]:
-    text = path.read_text(encoding="utf-8")
-    if not text.lstrip().startswith("["):
+    data = path.read_bytes()
+    if not data.lstrip().startswith(b"["):
         yield from _read_json_lines(path)  # HF convention: a .json file may hold JSON lines
         return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # One bad byte makes the whole array unusable: report its line.
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        column = len(data[line_start : error.start].decode("utf-8", errors="replace")) + 1
+        where = RowRef(str(path), data.count(b"\n", 0, error.start) + 1)
+        raise InvalidRowError(where, "<encoding>", _not_utf8(error, column), "save the file as UTF-8") from None
     try:
         values = json.loads(text)
     except json.JSONDecodeError as error:

@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
-__all__ = ["InvalidRowError", "Message", "PreferencePair", "RowRef", "SkipLog"]
+__all__ = ["DataError", "InvalidRowError", "Message", "PreferencePair", "RowRef", "SkipLog"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +41,21 @@ class RowRef:
         return f"{self.file}:{self.row}"
 
 
-class InvalidRowError(ValueError):
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file (and row and field) and the fix."""
+
+
+class InvalidRowError(DataError):
     """A malformed input row; the message starts with ``file:row:field``."""
 
     def __init__(self, where: RowRef, field: str, problem: str, fix: str = "") -> None:
         self.where = where
         self.field = field
         self.problem = problem
-        hint = fix or "fix or remove the row, or load with skip_invalid=True to skip and count such rows"
+        hint = fix or (
+            "fix or remove the row, or skip and count such rows with --data.skip_invalid true "
+            "(skip_invalid=True in Python)"
+        )
         super().__init__(f"{where}:{field}: {problem}; {hint}")
 
 

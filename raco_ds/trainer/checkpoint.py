@@ -1,22 +1,31 @@
-"""Atomic checkpoints: DeepSpeed's engine state plus the trainer's, and resume from the latest.
+"""Atomic, verified checkpoints: DeepSpeed's engine state plus the trainer's; resume from the newest intact one.
 
 Layout under ``<output_dir>/checkpoints``::
 
-    step_00000008/              a complete checkpoint (never renamed into place before it is)
+    step_00000008/              a sealed checkpoint (never renamed into place before it is)
         ds/                     engine.save_checkpoint(tag="ds"): weights, optimizer, scheduler
         trainer_state.json      step, objectives, weights, data position, world size
-        rng_rank<r>.pt          each rank's RNG states (python, numpy, torch, cuda)
-        hook_state.pt           RacoHook.state_dict(), when the hook has state
-        COMPLETE                written last; a folder without it is never loaded
-    latest                      name of the newest complete checkpoint (atomically replaced)
+        rng_rank<r>.pt          each rank's RNG states (tensors and numbers: weights_only-loadable)
+        hook_state.pt           RacoHook.state_dict(), when the hook has state (weights_only-loadable)
+        COMPLETE                the manifest: size and sha256 of every other file, written last
+    latest                      name of the newest sealed checkpoint (a hint; atomically replaced)
     .tmp-step_00000008/         a save in progress (ignored; removed by the next save)
 
-Why this is crash-safe: every rank writes into the ``.tmp-`` folder; after a
-barrier rank 0 writes ``COMPLETE`` and renames the folder to its final name in
-one ``os.rename``, then replaces ``latest``. A crash at any point leaves either
-the previous checkpoint as the latest complete one or the new one complete, never
-a half-written folder under a valid name. Resume trusts only folders with
-``COMPLETE`` (``latest`` is a hint, checked too).
+Why this is crash-safe: every rank writes into the ``.tmp-`` folder; then the
+ranks hash its files (raco_ds.trainer.integrity), rank 0 writes the manifest
+atomically and renames the folder to its final name in one ``os.rename``, then
+replaces ``latest``. A crash at any point leaves either the previous checkpoint
+as the newest sealed one or the new one sealed, never a half-written folder
+under a valid name; a step saved again (a resumed run reaching a step it had
+saved before) is moved aside before the new one takes its name and deleted after.
+
+Why resume is safe: :func:`find_resumable` checks the newest sealed checkpoint
+against its manifest, and every pickle in it with a safe unpickler, before
+anything is loaded; a damaged one is reported by file and the next older one
+is tried (or, with ``--resume strict``, the run stops). ``keep_last`` deletes
+only checkpoints older than the one just sealed, so the newest verified
+checkpoint is never deleted. A disk that fills during a save removes the
+partial folder and raises an error naming the path and the space needed.
 """
 
 from __future__ import annotations
@@ -34,19 +43,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from raco_ds.diskspace import DiskFullError, disk_full_error, is_disk_full
+from raco_ds.trainer.integrity import MANIFEST_NAME, build_manifest, find_damage, manifest_bytes
+
 __all__ = [
+    "COMPLETE",
     "CheckpointError",
     "TrainerState",
+    "VerifiedCheckpoint",
     "check_compatible",
     "find_latest",
+    "find_resumable",
     "load_checkpoint",
     "read_trainer_state",
     "save_checkpoint",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-COMPLETE = "COMPLETE"
-"""Marker file written last into a checkpoint folder."""
+COMPLETE = MANIFEST_NAME
+"""The manifest, written last into a checkpoint folder; a folder without it is never loaded."""
 
 
 class CheckpointError(RuntimeError):
@@ -86,8 +101,24 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank."""
+    if not dist.is_initialized():
+        return flag
+    on_gpu = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    value = torch.tensor([1.0 if flag else 0.0], device=f"cuda:{torch.cuda.current_device()}" if on_gpu else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Only tensors, numbers and tuples: loadable with torch.load(weights_only=True).
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -95,10 +126,19 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_tensors(path: Path) -> Any:
+    """A trainer-written ``.pt`` file, unpickled by the safe (weights_only) unpickler."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - an unsafe or broken file is refused whatever the cause
+        raise CheckpointError(f"{path} cannot be loaded safely ({str(err).splitlines()[0][:200]})") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,7 +164,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _complete_steps(root: Path) -> list[tuple[int, Path]]:
+def _sealed_steps(root: Path) -> list[tuple[int, Path]]:
     found = []
     if root.is_dir():
         for child in root.iterdir():
@@ -135,23 +175,56 @@ def _complete_steps(root: Path) -> list[tuple[int, Path]]:
 
 
 def find_latest(root: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under ``root`` (``<output_dir>/checkpoints``), or None."""
-    root = Path(root)
-    complete = _complete_steps(root)
-    hint = root / "latest"
-    if hint.is_file():
-        named = root / hint.read_text().strip()
-        # `latest` is replaced after the rename, so it can only lag; trust the newest complete folder.
-        if (named / COMPLETE).is_file() and (not complete or complete[-1][1] == named):
-            return named
-    return complete[-1][1] if complete else None
+    """The newest sealed checkpoint folder under ``root`` (``<output_dir>/checkpoints``), or None.
+
+    Sealed is not verified: resume goes through :func:`find_resumable`.
+    """
+    sealed = _sealed_steps(Path(root))
+    return sealed[-1][1] if sealed else None
+
+
+def _estimated_bytes(engine, root: Path) -> int:
+    """About how much one checkpoint of this run needs: the newest sealed one, else fp32 weights + Adam."""
+    for _, folder in reversed(_sealed_steps(root)):
+        size = manifest_bytes(folder)
+        if size:
+            return size
+    params = {id(p): p for p in engine.module.parameters()}.values()
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params if p.requires_grad)
+    return 16 * trainable  # fp32 weights, fp32 master copy and Adam's two moments
+
+
+def _write_parts(engine, tmp: Path, state: TrainerState, hook, rank: int) -> None:
+    """Every rank's files of one checkpoint, into the temporary folder."""
+    engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        _write_atomic(tmp / "trainer_state.json", state.to_json())
+        if hook is not None and hasattr(hook, "state_dict"):
+            torch.save(hook.state_dict(), tmp / "hook_state.pt")
+
+
+def _prune(root: Path, newest: int, keep_last: int) -> None:
+    """Delete sealed checkpoints older than step ``newest`` beyond the ``keep_last`` newest.
+
+    Checkpoints of later steps are left alone: they are what a resume fell back from
+    (damaged), and this run replaces them when it reaches their step.
+    """
+    older = [folder for step, folder in _sealed_steps(root) if step < newest]
+    for folder in older[: max(0, len(older) - (keep_last - 1))]:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_checkpoint(engine, root: str | Path, state: TrainerState, hook=None, keep_last: int = 0) -> Path:
-    """Save engine + trainer state as ``root/step_<step>`` atomically (collective: call on every rank)."""
+    """Save engine + trainer state as ``root/step_<step>`` atomically, sealed by a manifest (collective).
+
+    Raises :class:`raco_ds.diskspace.DiskFullError` (naming the folder and the space needed)
+    when the disk fills during the save; the partial folder is removed and the previous
+    checkpoints are untouched.
+    """
     root = Path(root)
     name = f"step_{state.step:08d}"
-    final, tmp = root / name, root / f".tmp-{name}"
+    final, tmp, aside = root / name, root / f".tmp-{name}", root / f".old-{name}"
     rank = _rank()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -160,27 +233,36 @@ def save_checkpoint(engine, root: str | Path, state: TrainerState, hook=None, ke
         tmp.mkdir()
     _barrier()
 
-    # 1. Every rank writes its part into the temporary folder.
-    engine.save_checkpoint(str(tmp), tag="ds", save_latest=False)
-    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        _write_atomic(tmp / "trainer_state.json", state.to_json())
-        if hook is not None and hasattr(hook, "state_dict"):
-            torch.save(hook.state_dict(), tmp / "hook_state.pt")
-    _barrier()
+    # 1. Every rank writes its part into the temporary folder; a failure anywhere stops all.
+    failure: BaseException | None = None
+    try:
+        _write_parts(engine, tmp, state, hook, rank)
+    except Exception as err:  # noqa: BLE001 - re-raised below, after every rank knows
+        failure = err
+    if _any_rank(failure is not None):
+        needed = _estimated_bytes(engine, root)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        if failure is None:
+            raise CheckpointError(f"another rank failed to write checkpoint {tmp}; see its error above")
+        if is_disk_full(failure, root, needed):
+            raise disk_full_error(root, needed, f"checkpoint {tmp.name}", then="rerun with --resume") from failure
+        raise failure
 
-    # 2. Rank 0 seals it: COMPLETE, one rename, then the `latest` hint; then prunes old ones.
+    # 2. Seal: the manifest (hashed by all ranks), written atomically, then one rename and `latest`.
+    manifest = build_manifest(tmp)
     if rank == 0:
-        _write_atomic(tmp / COMPLETE, json.dumps({"step": state.step, "objectives": state.objectives}) + "\n")
-        if final.exists():  # re-saving a step (e.g. a resumed run ending where it started)
-            shutil.rmtree(final)
+        _write_atomic(tmp / COMPLETE, json.dumps({"step": state.step, **manifest}, indent=1) + "\n")
+        if final.exists():  # re-saving a step: keep the old one until the new one has its name
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(final, aside)
         os.rename(tmp, final)
         _fsync_dir(root)
         _write_atomic(root / "latest", name + "\n")
         if keep_last > 0:
-            for _, old in _complete_steps(root)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp-step_*"):
+            _prune(root, state.step, keep_last)
+        for stale in [*root.glob(".tmp-step_*"), *root.glob(".old-step_*")]:
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     return final
@@ -220,16 +302,59 @@ def check_compatible(
     return notes
 
 
-def load_checkpoint(engine, folder: str | Path, objectives: list[str], hook=None) -> TrainerState:
-    """Restore engine, RNG and hook state from a complete checkpoint folder (collective).
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    """A checkpoint folder whose files matched its manifest and whose pickles passed the safe unpickler."""
+
+    folder: Path
+    """The checkpoint folder (``.../checkpoints/step_<step>``)."""
+    state: TrainerState
+    """Its trainer state (read after the verification)."""
+    damaged: tuple[str, ...] = ()
+    """One line per damaged file of the newer checkpoints that were passed over."""
+
+
+def _damage_summary(folder: Path, damage: list[str]) -> str:
+    more = f" (and {len(damage) - 1} more damaged files)" if len(damage) > 1 else ""
+    return f"checkpoint {folder} is damaged: {damage[0]}{more}"
+
+
+def find_resumable(root: str | Path, strict: bool = False) -> VerifiedCheckpoint | None:
+    """The newest sealed checkpoint under ``root`` that verifies, or None when there is none at all (collective).
+
+    Damaged newer checkpoints are passed over (listed in ``damaged``). Raises
+    :class:`CheckpointError` naming the damaged file when every checkpoint is damaged,
+    or when ``strict`` and the newest one is.
+    """
+    root = Path(root)
+    damaged: list[str] = []
+    sealed = _sealed_steps(root)
+    for _, folder in reversed(sealed):
+        damage = find_damage(folder)
+        if not damage:
+            if strict and damaged:
+                raise CheckpointError(
+                    f"--resume strict: {damaged[0]}. Rerun with --resume to continue from the newest intact "
+                    f"checkpoint {folder.name}, or restore the damaged file"
+                )
+            return VerifiedCheckpoint(folder, read_trainer_state(folder), tuple(damaged))
+        damaged.append(_damage_summary(folder, damage))
+    if damaged:
+        raise CheckpointError(
+            f"no intact checkpoint to resume in {root}: {damaged[0]}"
+            + (f" ({len(damaged) - 1} older checkpoints are damaged too)" if len(damaged) > 1 else "")
+            + ". Restore the damaged file, or start a new run with another --output-dir"
+        )
+    return None
+
+
+def load_checkpoint(engine, checkpoint: VerifiedCheckpoint, objectives: list[str], hook=None) -> TrainerState:
+    """Restore engine, RNG and hook state from a verified checkpoint (collective).
 
     Call :func:`check_compatible` first for the user-facing refusal; it is repeated here
     so that no caller can load an incompatible checkpoint by accident.
     """
-    folder = Path(folder)
-    if not (folder / COMPLETE).is_file():
-        raise CheckpointError(f"{folder} is not a complete checkpoint (no {COMPLETE} marker); it cannot be resumed")
-    state = read_trainer_state(folder)
+    folder, state = checkpoint.folder, checkpoint.state
     world = dist.get_world_size() if dist.is_initialized() else 1
     check_compatible(state, folder, objectives, world)
     load_path, _ = engine.load_checkpoint(
@@ -237,9 +362,8 @@ def load_checkpoint(engine, folder: str | Path, objectives: list[str], hook=None
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {folder / 'ds'}; the folder may be damaged")
-    rng_file = folder / f"rng_rank{_rank()}.pt"
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    _set_rng_state(_load_tensors(folder / f"rng_rank{_rank()}.pt"))
     hook_file = folder / "hook_state.pt"
     if hook is not None and hook_file.is_file() and hasattr(hook, "load_state_dict"):
-        hook.load_state_dict(torch.load(hook_file, weights_only=False))
+        hook.load_state_dict(_load_tensors(hook_file))
     return state

@@ -41,7 +41,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -122,6 +122,9 @@ class DataConfig:
     share one held-out set."""
     shuffle: bool = True
     """Shuffle the training pairs each epoch (seeded by optimisation.seed and the epoch)."""
+    skip_invalid: bool = False
+    """Skip malformed data rows (counted and summarised in one warning) instead of stopping at the
+    first one with its file:row:field."""
 
 
 @dataclass(kw_only=True)
@@ -220,8 +223,10 @@ class CheckpointConfig:
     stop_after_steps: int = 0
     """Checkpoint and stop after this many steps in this job (0: run to max_steps); continue with
     --resume. For time-sliced allocations; the LR schedule still spans max_steps."""
-    resume: bool = False
-    """Continue from the latest complete checkpoint in output_dir/checkpoints (if there is one)."""
+    resume: Literal[False, True, "strict"] = False
+    """Continue from the newest intact checkpoint in output_dir/checkpoints (if there is one); a
+    damaged newer one (a file that no longer matches the checkpoint's manifest) is reported and passed
+    over. "strict" (--resume strict) stops with an error instead of passing over a damaged one."""
     export: bool = True
     """Write the final model as a HF folder with safetensors to <output_dir>/export."""
 
@@ -294,6 +299,7 @@ ALIASES: dict[str, str] = {
 }
 """Short command-line options and the dotted field each one sets."""
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _CAPTURES = ("auto", "onepass", "k_pass")
 _DTYPES = ("fp32", "bf16")  # fp16 loss scaling would rescale each objective differently
 _NONFINITE = ("skip", "raise")
@@ -426,11 +432,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping like {{name: value}}, got {value!r}")
         return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if origin is typing.Literal:  # a few allowed values; booleans among them are spelled as bools are
+        for choice in args:
+            if isinstance(choice, bool) and isinstance(value, (bool, str)):
+                if str(value).lower() in (_TRUE if choice else _FALSE):
+                    return choice
+            elif value == choice:
+                return choice
+        allowed = ", ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in args)
+        raise ConfigError(f"{where} must be one of {allowed}; got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
+        if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if tp is int:
         if isinstance(value, bool):
@@ -609,7 +624,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
                 tp = flat[dotted][0] if dotted in flat else str
                 if takes_next:
                     value, i = argv[i + 1], i + 1
-                elif tp is bool:
+                elif tp is bool or True in typing.get_args(tp):
                     value = "true"  # a bare boolean flag, e.g. --resume
                 else:
                     raise ConfigError(f"option {key} needs a value")

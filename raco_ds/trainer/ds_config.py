@@ -58,16 +58,26 @@ class _Filler:
                 return None, leaf
         return node, leaf
 
-    def fill(self, dotted: str, value: Any, option: str | None = None, must_match: bool = True) -> None:
-        """Replace "auto" at ``dotted`` by ``value``; else record a mismatch against ``option``."""
+    def fill(
+        self, dotted: str, value: Any, option: str | None = None, must_match: bool = True,
+        option_value: dict[Any, str] | None = None, fix: str | None = None,
+    ) -> None:  # fmt: skip
+        """Replace "auto" at ``dotted`` by ``value``; else record a mismatch against ``option``.
+
+        ``option_value`` maps a DeepSpeed value to the ``--option`` value that produces it
+        (bf16.enabled true -> bf16) where the two differ; ``fix`` replaces the suggested
+        command-line fix where no option produces the file's value.
+        """
         node, leaf = self._node(dotted)
         if node is None or leaf not in node:
             return
         if node[leaf] == "auto":
             node[leaf] = value
         elif must_match and not _same(node[leaf], value):
-            fix = f"pass --{option} {_cli(node[leaf])}" if option else "remove the key"
-            yours = f"--{option}={_cli(value)}" if option else f"the trainer's {_cli(value)}"
+            spell = (option_value or {}).get
+            if fix is None:
+                fix = f"pass --{option} {spell(node[leaf], _cli(node[leaf]))}" if option else "remove the key"
+            yours = f"--{option}={spell(value, _cli(value))}" if option else f"the trainer's {_cli(value)}"
             self.mismatches.append(
                 f"- {self.name}: {dotted}={json.dumps(node[leaf])} but {yours}; "
                 f'set it to "auto" in {Path(self.name).name} (then it follows the trainer) or {fix}'
@@ -152,8 +162,10 @@ def fill_ds_config(
     fill("scheduler.params.warmup_num_steps", max(1, opt.warmup_steps), "optimisation.warmup_steps")
     fill("scheduler.params.total_num_steps", opt.max_steps, "optimisation.max_steps")
     # Precision follows the model's dtype.
-    fill("bf16.enabled", cfg.model.dtype == "bf16", "model.dtype")
-    fill("fp16.enabled", False, "model.dtype")  # fp16 is refused by the config and the hook
+    fill("bf16.enabled", cfg.model.dtype == "bf16", "model.dtype", option_value={True: "bf16", False: "fp32"})
+    fill("fp16.enabled", False, "model.dtype", option_value={False: cfg.model.dtype},
+         fix="set it to false (fp16 is refused: its loss scaling would rescale each objective differently; "
+             "--model.dtype bf16 gives half precision)")  # fmt: skip
     # ZeRO bucket sizes from the hidden size (HF's rule).
     if hidden_size is not None:
         fill("zero_optimization.reduce_bucket_size", hidden_size * hidden_size, must_match=False)

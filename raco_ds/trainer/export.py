@@ -7,6 +7,11 @@ full copy per rank), copies it to rank 0's CPU, and rank 0 writes the folder
 with ``save_pretrained``. Under ZeRO 0-2 the gather is a no-op. The folder is
 written under a temporary name and renamed, so a crash never leaves a
 loadable-looking half export. Load it with ``AutoModelForCausalLM.from_pretrained``.
+
+A model with a NaN or infinite weight is refused (:class:`ExportError` naming
+the tensors), on every rank: such an export would load and then produce NaN.
+A disk that fills during the export raises an error naming the folder and the
+space needed.
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["consolidated_state_dict", "export_hf"]
+from raco_ds.diskspace import disk_full_error, is_disk_full
+
+__all__ = ["ExportError", "consolidated_state_dict", "export_hf", "nonfinite_tensors"]
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported; the message says which tensors and what to do."""
 
 
 def _rank() -> int:
@@ -45,19 +56,55 @@ def consolidated_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def nonfinite_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Name -> number of NaN/inf values, for every floating tensor that has any."""
+    counts = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                counts[name] = bad
+    return counts
+
+
+def _refuse_nonfinite(state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """Raise ExportError on every rank when rank 0's consolidated weights are not all finite."""
+    bad = nonfinite_tensors(state_dict) if _rank() == 0 else {}
+    if dist.is_initialized():
+        shared = [bad]
+        dist.broadcast_object_list(shared, src=0)
+        bad = shared[0]
+    if bad:
+        listed = ", ".join(f"{name} ({count} values)" for name, count in list(bad.items())[:3])
+        raise ExportError(
+            f"refusing to write {out_dir}: {len(bad)} weight tensors hold NaN or inf, e.g. {listed}; training "
+            "diverged. Resume from an earlier checkpoint (delete the newer ones, then --resume) with a lower "
+            "--optimisation.lr or --optimisation.max_grad_norm"
+        )
+
+
 def export_hf(module: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path | None:
     """Write ``module`` (an HF ``PreTrainedModel``, possibly ZeRO-3 partitioned) and ``tokenizer``.
 
     Returns the folder on rank 0, None elsewhere. Collective: every rank must call it.
+    Raises :class:`ExportError` when a weight is NaN or infinite.
     """
     out_dir = Path(out_dir)
     state_dict = consolidated_state_dict(module)
+    _refuse_nonfinite(state_dict, out_dir)
     if _rank() == 0:
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        try:
+            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            needed = sum(t.numel() * t.element_size() for t in state_dict.values())
+            if is_disk_full(err, out_dir.parent, needed):
+                raise disk_full_error(out_dir.parent, needed, f"the export {out_dir.name}", then="rerun with --resume") from err
+            raise
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
     if dist.is_initialized():

@@ -1,0 +1,49 @@
+"""Which failures are the user's to fix, and the one ``error:`` line each becomes.
+
+A user error (a bad option, config or data row, a damaged checkpoint, a path
+that cannot be written, a full disk, a model that diverged) is printed as one
+line naming what was found, where (file, row, field) and a fix that works, and
+the launcher exits with :data:`EXIT_USER_ERROR`; anything else is a bug and
+keeps its traceback. Import cost: the exception classes live in modules that
+import torch, so launchers import this after their argument parsing.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from raco_ds.data.records import DataError
+from raco_ds.diskspace import DiskFullError
+from raco_ds.preemption import OutputDirLockError
+from raco_ds.trainer.checkpoint import CheckpointError
+from raco_ds.trainer.config import ConfigError
+from raco_ds.trainer.export import ExportError
+
+__all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "user_error_line"]
+
+EXIT_USER_ERROR = 2
+"""Exit status of a run stopped by a user error (argparse's convention for bad usage)."""
+
+USER_ERRORS = (ConfigError, CheckpointError, DataError, ExportError, OutputDirLockError, OSError)
+"""The exception types that are user errors (every ``OSError``: a path, a permission, the disk)."""
+
+_PATH_FIXES = {
+    errno.EACCES: "give this user write access to it, or pass another --output-dir",
+    errno.EPERM: "give this user write access to it, or pass another --output-dir",
+    errno.EROFS: "it is on a read-only file system; pass an --output-dir on a writable one",
+    errno.ENOSPC: "free space on that file system, then rerun (with --resume once the run has a checkpoint)",
+    errno.EDQUOT: "free space within your quota there, then rerun (with --resume once the run has a checkpoint)",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a file stands where a folder is expected; move it, or pass another --output-dir",
+    errno.EISDIR: "a folder stands where a file is expected; check the path",
+}
+
+
+def user_error_line(error: BaseException) -> str | None:
+    """The ``error: ...`` line for a user error, or None when ``error`` is a bug (keep its traceback)."""
+    if not isinstance(error, USER_ERRORS):
+        return None
+    if isinstance(error, OSError) and not isinstance(error, DiskFullError) and error.filename is not None:
+        fix = _PATH_FIXES.get(error.errno, "check the path and its permissions")
+        return f"error: {error.filename}: {error.strerror or error}; {fix}"
+    return f"error: {error}"
