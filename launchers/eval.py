@@ -1,4 +1,4 @@
-"""Held-out evaluation of a saved model: per-objective preference accuracy, margin, KL proxy.
+"""Held-out evaluation of a saved model: per-objective preference metrics with 95% intervals, and judged generations.
 
     # a training run's folder (its export/ is evaluated with the run's own data, split and reference)
     python launchers/eval.py --model outputs/tiny
@@ -6,6 +6,11 @@
     python launchers/eval.py --model path/to/hf_folder --preset tiny --data.num_eval_pairs 80
     # a different reference than the config's initial model
     python launchers/eval.py --model outputs/tiny --reference tiny
+    # also generate (greedy, <= 128 new tokens) for 64 held-out prompts and judge the responses
+    python launchers/eval.py --model outputs/raco --generate --judges length_tokens,length_words,implicit_reward
+    # the PKU-SafeRLHF judges on a GPU (download the two beaver folders first)
+    python launchers/eval.py --model outputs/raco --generate --device cuda --judges \\
+        beaver_reward:/models/beaver-7b-v1.0-reward,beaver_cost:/models/beaver-7b-v1.0-cost
 
 Options other than the ones below are launchers/train.py options (``--preset``, ``--config``,
 ``--data.*``, ``--loss``, ``--beta``, ``--seed`` ...): they say which held-out pairs (the
@@ -26,7 +31,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raco_ds.pareto.evaluate import HeldOutEvaluator, format_report, resolve_run  # noqa: E402
+from raco_ds.pareto.evaluate import (  # noqa: E402
+    HeldOutEvaluator,
+    add_generation_arguments,
+    format_report,
+    generation_from_args,
+    resolve_run,
+)
 from raco_ds.trainer.config import ConfigError, parse_args  # noqa: E402
 
 
@@ -39,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default=None, help="JSON file to write (default: <model folder>/heldout_eval.json).")
     p.add_argument("--batch-size", type=int, default=None, help="Pairs per forward (default: logging.eval_batch_size).")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    p.add_argument("--samples", default=None, help="JSON-lines file of the generated samples and their scores "
+                                                    "(default: <model folder>/generations.jsonl).")
+    add_generation_arguments(p)
     args, train_options = p.parse_known_args(sys.argv[1:] if argv is None else argv)
 
     try:
@@ -48,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             if run_config is not None and "--config" not in train_options:
                 train_options = ["--config", str(run_config), *train_options]
             cfg = parse_args(train_options)
-        report = HeldOutEvaluator(batch_size=args.batch_size, device=args.device).evaluate(
-            args.model, cfg, reference=args.reference
-        )
+        evaluator = HeldOutEvaluator(batch_size=args.batch_size, device=args.device,
+                                     generation=generation_from_args(args))
+        report = evaluator.evaluate(args.model, cfg, reference=args.reference, samples_path=args.samples)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -58,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {report.model}\nreference: {report.reference}\n"
           f"held-out pairs: {report.num_eval_pairs} ({report.num_conflict_pairs} with conflicting labels)")
     print(format_report(report))
+    if report.generation:
+        print(f"generations ({report.generation['decoding']}, {report.generation['num_prompts']} prompts): "
+              f"{report.generation['samples']}")
     out = Path(args.output) if args.output else model_dir / "heldout_eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report.to_dict(), indent=2))

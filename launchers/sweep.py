@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from raco_ds.pareto.evaluate import HeldOutEvaluator, add_generation_arguments, generation_from_args  # noqa: E402
 from raco_ds.pareto.grid import parse_weights  # noqa: E402
 from raco_ds.pareto.sweep import SweepConfig, SweepResult, run_sweep  # noqa: E402
 from raco_ds.trainer.config import field_docs  # noqa: E402  (field docstrings -> --help)
@@ -43,9 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attempts", type=int, default=default.max_attempts, help=docs["max_attempts"])
     p.add_argument("--timeout-s", type=float, default=None, help=docs["timeout_s"])
     p.add_argument("--resume-crashed", action="store_true", help=docs["resume_crashed"])
-    p.add_argument("--front-metric", default=default.front_metric, help=docs["front_metric"])
+    p.add_argument("--metrics", default=None, help=docs["metrics"] + " Comma-separated.")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each training run (default: inherit).")
     p.add_argument("--eval-batch-size", type=int, default=None, help="Pairs per evaluation forward (default: the run's).")
+    add_generation_arguments(p)
     return p
 
 
@@ -68,30 +70,33 @@ def config_from_args(argv: list[str]) -> tuple[SweepConfig, argparse.Namespace]:
         max_attempts=args.max_attempts,
         timeout_s=args.timeout_s,
         resume_crashed=args.resume_crashed,
-        front_metric=args.front_metric,
+        metrics=[m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None,
         env={"OMP_NUM_THREADS": str(args.threads)} if args.threads else {},
     )
     return cfg, args
 
 
 def summary_table(cfg: SweepConfig, result: SweepResult) -> str:
-    """Markdown: one row per point, then one row per aggregator's front summary."""
-    objs = cfg.objectives
-    metrics = ["accuracy", "margin", "kl_proxy", "accuracy_conflict"]
-    cols = [f"{m}/{o}" for m in metrics for o in objs]
-    lines = ["| aggregator | weights | " + " | ".join(cols) + " | train s |", "|---" * (len(cols) + 3) + "|"]
+    """Markdown: one row per point (its front metrics), then one row per aggregator with 95% intervals."""
+    specs = cfg.metric_specs()
+    lines = ["| aggregator | weights | seed | " + " | ".join(map(str, specs)) + " | train s |",
+             "|---" * (len(specs) + 4) + "|"]
     for o in result.outcomes:
-        cells = [f"{o.metrics[c]:.3f}" if c in o.metrics else "-" for c in cols]
-        seconds = "failed" if o.status == "failed" else f"{o.train_seconds:.1f}"
+        cells = [f"{spec.sign * o.metrics[spec.key]:.3f}" if spec.key in o.metrics else "-" for spec in specs]
+        seconds = o.status if o.status in ("failed", "pending") else f"{o.train_seconds:.1f}"
         weights = ",".join(f"{w:g}" for w in o.point.weights)
-        lines.append(f"| {o.point.aggregator} | {weights} | " + " | ".join(cells) + f" | {seconds} |")
-    lines += ["", "| aggregator | hypervolume (ref 0) | hypervolume (ref 0.5) | monotonicity | "
-                  + " | ".join(f"spearman {o}" for o in objs) + " | front |", "|---" * (5 + len(objs)) + "|"]
+        lines.append(f"| {o.point.aggregator} | {weights} | {o.point.seed} | " + " | ".join(cells) + f" | {seconds} |")
+    objs = cfg.objectives
+    lines += ["", "| aggregator | hypervolume | " + " | ".join(f"steering {o} (Spearman)" for o in objs)
+              + " | roughness | front |", "|---" * (4 + len(objs)) + "|"]
+
+    def ci(e: dict) -> str:
+        return f"{e['value']:.3f} [{e['low']:.3f}, {e['high']:.3f}]"
+
     for name, s in result.summary.items():
-        per = " | ".join(f"{r:.3f}" for r in s["monotonicity_per_objective"])
+        steering = " | ".join(ci(e) for e in s["steering"])
         front = "; ".join(",".join(f"{w:g}" for w in ws) for ws in s["front"])
-        lines.append(f"| {name} | {s['hypervolume']:.4f} | {s['hypervolume_above_chance']:.4f} | "
-                     f"{s['monotonicity']:.3f} | {per} | {front} |")
+        lines.append(f"| {name} | {ci(s['hypervolume'])} | {steering} | {ci(s['roughness'])} | {front} |")
     return "\n".join(lines)
 
 
@@ -103,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    evaluator = None
-    if args.eval_batch_size:
-        from raco_ds.pareto.evaluate import HeldOutEvaluator
-
-        evaluator = HeldOutEvaluator(batch_size=args.eval_batch_size)
+    evaluator = HeldOutEvaluator(batch_size=args.eval_batch_size, generation=generation_from_args(args))
     result = run_sweep(cfg, evaluator)
     print(summary_table(cfg, result))
     for kind, path in result.files.items():

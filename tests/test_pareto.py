@@ -5,13 +5,12 @@ import random
 
 import pytest
 
+from raco_ds.evaluation.bootstrap import Estimate
 from raco_ds.pareto import (
-    front_summary,
     hypervolume,
-    monotonicity,
     non_dominated,
     parse_weights,
-    plot_fronts,
+    plot_sweep,
     simplex_grid,
     spearman,
     validate_weights,
@@ -119,7 +118,7 @@ def test_hypervolume_rejects_bad_reference():
 
 
 # ---------------------------------------------------------------------------
-# Fronts and monotonicity
+# Fronts and rank correlation
 
 
 def test_non_dominated_extracts_the_front():
@@ -147,41 +146,21 @@ def test_spearman_agrees_with_scipy():
         assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected)
 
 
-def test_monotonicity_per_objective_and_mean():
-    weights = [(0, 1), (0.25, 0.75), (0.5, 0.5), (0.75, 0.25), (1, 0)]
-    # Objective 1 follows w_1 perfectly; objective 2 follows w_2 except one swap.
-    metrics = [(0.1, 0.9), (0.2, 0.7), (0.3, 0.8), (0.4, 0.2), (0.5, 0.1)]
-    mono = monotonicity(weights, metrics)
-    assert mono.per_objective[0] == pytest.approx(1.0)
-    assert mono.per_objective[1] == pytest.approx(0.9)  # one adjacent swap of 5: 1 - 6*2/120
-    assert mono.score == pytest.approx(0.95)
-    # A metric that ignores the weights (constant) is undefined and left out of the mean.
-    flat = monotonicity(weights, [(0.5, m[1]) for m in metrics])
-    assert math.isnan(flat.per_objective[0]) and flat.score == pytest.approx(0.9)
-    with pytest.raises(ValueError, match="one of each per point"):
-        monotonicity(weights, metrics[:3])
-
-
-def test_front_summary_reports_both_reference_points():
-    points = [((0.0, 1.0), [0.6, 0.8]), ((0.5, 0.5), [0.7, 0.7]), ((1.0, 0.0), [0.8, 0.4])]
-    s = front_summary(points)
-    assert s["hypervolume"] == pytest.approx(0.6 * 0.8 + 0.1 * 0.7 + 0.1 * 0.4)
-    assert s["hypervolume_above_chance"] == pytest.approx(0.1 * 0.3 + 0.1 * 0.2)
-    assert s["front"] == [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
-    assert s["monotonicity"] == pytest.approx(1.0)
-
-
 # ---------------------------------------------------------------------------
 # Plot
 
 
 def test_plot_writes_a_valid_png(tmp_path):
-    fronts = {
-        "raco": [((0.0, 1.0), [0.6, 0.8]), ((0.5, 0.5), [0.7, 0.7]), ((1.0, 0.0), [0.8, 0.4])],
-        "linear": [((0.0, 1.0), [0.55, 0.75]), ((1.0, 0.0), [0.78, 0.5])],
+    def est(v):
+        return Estimate(v, v - 0.05, v + 0.04, 2)
+
+    stats = {
+        "raco": {"weights": [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]],
+                 "means": [[est(0.6), est(0.8)], [est(0.7), est(0.7)], [est(0.8), est(0.4)]]},
+        "linear": {"weights": [[0.0, 1.0], [1.0, 0.0]], "means": [[est(0.55), est(0.75)], [est(0.78), est(0.5)]]},
     }
-    path = plot_fronts(fronts, tmp_path / "sub" / "front.png", axis_labels=("acc helpful", "acc harmless"),
-                       title="t", reference=(0.5, 0.5))
+    path = plot_sweep(stats, tmp_path / "sub" / "front.png", objectives=["helpful", "harmless"],
+                      metric_labels=["accuracy/helpful", "-gen/length_tokens"], title="t")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert data[12:16] == b"IHDR" and data[-8:-4] == b"IEND"

@@ -10,46 +10,30 @@ default evaluator (``evaluate``) imports torch/transformers on first use.
 """
 
 from raco_ds.pareto.grid import DEFAULT_STEP, Weights, format_weights, parse_weights, simplex_grid, validate_weights
-from raco_ds.pareto.metrics import (
-    ACCURACY_REFERENCE,
-    CHANCE_REFERENCE,
-    Monotonicity,
-    hypervolume,
-    monotonicity,
-    non_dominated,
-    spearman,
-)
-from raco_ds.pareto.plot import plot_fronts
-from raco_ds.pareto.sweep import (
-    PointOutcome,
-    SweepConfig,
-    SweepError,
-    SweepPoint,
-    SweepResult,
-    front_summary,
-    run_sweep,
-)
+from raco_ds.pareto.metrics import hypervolume, non_dominated, spearman
+from raco_ds.pareto.plot import plot_sweep
+from raco_ds.pareto.statistics import MetricSpec, RunData, curve_roughness, sweep_statistics
+from raco_ds.pareto.sweep import PointOutcome, SweepConfig, SweepError, SweepPoint, SweepResult, run_sweep
 
 __all__ = [
-    "ACCURACY_REFERENCE",
-    "CHANCE_REFERENCE",
     "DEFAULT_STEP",
-    "Monotonicity",
+    "MetricSpec",
     "PointOutcome",
+    "RunData",
     "SweepConfig",
     "SweepError",
     "SweepPoint",
     "SweepResult",
     "Weights",
+    "curve_roughness",
     "format_weights",
-    "front_summary",
     "hypervolume",
-    "monotonicity",
     "non_dominated",
     "parse_weights",
-    "plot_fronts",
+    "plot_sweep",
     "run_sweep",
     "simplex_grid",
     "spearman",
+    "sweep_statistics",
     "validate_weights",
 ]

@@ -1,25 +1,34 @@
 """Held-out evaluation of a saved model against its initial model (used by sweeps and launchers/eval.py).
 
 The scoring and the per-objective metrics are the trainer's own (:mod:`raco_ds.trainer.eval`:
-``score_pairs`` and ``evaluate``, the training loss's definitions); this module only loads a
-saved HF folder outside DeepSpeed, rebuilds the run's held-out split, and adds two views the
-sweep reports:
+``score_pairs`` and ``evaluate``, the training loss's definitions); this module loads a saved
+HF folder outside DeepSpeed, rebuilds the run's held-out split, and adds:
 
 ``kl_proxy/<objective>``
     Mean policy/reference log-ratio ``log pi(y|x) - log ref(y|x)`` (summed over the response
     tokens) on the response objective k prefers, over its held-out non-tie pairs: a sample
     estimate of how far the policy moved from the reference on preferred data (a KL proxy;
     it is not the KL under the policy's own samples).
-``accuracy_conflict/<objective>``, ``margin_conflict/<objective>``
-    The same metrics on the held-out pairs where the objectives disagree (shared pairs only):
-    the only pairs on which a trade-off between objectives can show.
+``accuracy_disagree/<objective>``, ``margin_disagree/<objective>``, ``..._agree/...``
+    Per objective on the held-out pairs where the objectives disagree / agree
+    (:mod:`raco_ds.evaluation.preference`): the disagreeing pairs are the only ones on which
+    the weights must matter.
+``gen/<judge>``
+    With generation on: the mean judge score of responses generated for the held-out prompts
+    (:mod:`raco_ds.evaluation.generation`, :mod:`raco_ds.evaluation.judges`), plus
+    ``gen/finished`` (the fraction that ended before the token cap). Samples and their scores
+    are written as JSON lines.
 
-Every metric is reported flat as ``"<metric>/<objective>"``.
+Every per-pair and per-sample metric keeps its item values, so each gets a cluster-bootstrap
+95% interval (clusters: the held-out prompt groups, :mod:`raco_ds.evaluation.bootstrap`) and a
+sweep can resample all its models on the same items. Every metric is reported flat as
+``"<metric>/<objective>"`` (``"gen/<judge>"`` for judges).
 
-The held-out split is the trainer's (:func:`raco_ds.trainer.data.split_pairs`): the first
-``data.num_eval_pairs`` pairs of a permutation seeded by ``optimisation.seed``. The reference is
-the run's initial model (``model.name_or_path`` of its config); its scores are computed once per
-(model, data, split) and shared by every point of a sweep.
+The held-out split is the trainer's (:func:`raco_ds.trainer.data.split_pairs`: whole prompt
+groups, seeded by ``data.split_seed``). The reference is the run's initial model
+(``model.name_or_path`` of its config); its scores are computed once per (model, data, split)
+and shared by every point of a sweep. A run folder's own held-out scores (written by the
+trainer after its last step) are reused instead of scoring the same pairs again.
 """
 
 from __future__ import annotations
@@ -27,20 +36,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["EvalReport", "HeldOutEvaluator", "format_report", "resolve_run"]
+from raco_ds.evaluation.bootstrap import Estimate, ItemValues, estimates
+from raco_ds.evaluation.generation import GenerationConfig, Sample
+
+__all__ = [
+    "EvalReport",
+    "GenerationEval",
+    "HeldOutEvaluator",
+    "add_generation_arguments",
+    "format_report",
+    "generation_from_args",
+    "resolve_run",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalReport:
-    """Per-objective held-out metrics of one model."""
+    """Per-objective held-out metrics of one model, with per-item values and 95% intervals."""
 
     objectives: list[str]
     """Objective names, in label order."""
@@ -53,11 +73,19 @@ class EvalReport:
     num_eval_pairs: int = 0
     """Held-out pairs scored."""
     num_conflict_pairs: int = 0
-    """Held-out pairs on which the objectives disagree (shared pairs)."""
+    """Held-out pairs on which two objectives prefer opposite responses (shared pairs)."""
+    item_values: dict[str, ItemValues] = field(default_factory=dict)
+    """Per-item values of the pair and generation metrics (what the bootstrap resamples)."""
+    intervals: dict[str, Estimate] = field(default_factory=dict)
+    """Flat metric name -> mean with its cluster-bootstrap 95% interval."""
+    generation: dict[str, Any] = field(default_factory=dict)
+    """How responses were generated and where the samples are (empty: no generation)."""
 
     def flat(self) -> dict[str, float]:
-        """``{"<metric>/<objective>": value}``, what sweeps store."""
-        return {f"{m}/{name}": float(v) for m, values in self.metrics.items() for name, v in zip(self.objectives, values)}
+        """``{"<metric>/<objective>": value}`` plus the item metrics' means, what sweeps store."""
+        out = {f"{m}/{name}": float(v) for m, values in self.metrics.items() for name, v in zip(self.objectives, values)}
+        out.update({key: est.value for key, est in self.intervals.items()})
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (the file launchers/eval.py writes)."""
@@ -68,16 +96,61 @@ class EvalReport:
             "num_eval_pairs": self.num_eval_pairs,
             "num_conflict_pairs": self.num_conflict_pairs,
             "metrics": self.metrics,
+            "intervals": {key: est.to_dict() for key, est in self.intervals.items()},
+            "generation": self.generation,
         }
 
 
+@dataclass(kw_only=True)
+class GenerationEval:
+    """Generation-based evaluation: which held-out prompts, how to generate, which judges."""
+
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    """Decoding settings."""
+    num_prompts: int = 64
+    """Distinct held-out prompts to answer (in split order; fewer if the split has fewer)."""
+    judges: list[str] = field(default_factory=lambda: ["length_tokens", "length_words"])
+    """Judge specs (raco_ds.evaluation.judges), e.g. length_tokens, implicit_reward, reward_model:PATH."""
+
+
 def format_report(report: EvalReport) -> str:
-    """A small fixed-width table: one row per metric, one column per objective."""
+    """A fixed-width table (one row per metric, one column per objective), then every item
+    metric with its 95% interval."""
     width = max(12, *(len(n) + 2 for n in report.objectives))
     lines = [f"{'metric':<22}" + "".join(f"{n:>{width}}" for n in report.objectives)]
     for metric, values in report.metrics.items():
         lines.append(f"{metric:<22}" + "".join(f"{v:>{width}.4f}" for v in values))
+    if report.intervals:
+        lines.append("mean [95% cluster-bootstrap interval] (n = pairs or samples):")
+        lines += [f"  {key:<40}{est} (n={est.n})" for key, est in report.intervals.items() if est.n]
     return "\n".join(lines)
+
+
+def add_generation_arguments(parser: Any) -> None:
+    """The generation options shared by launchers/eval.py and launchers/sweep.py (argparse)."""
+    default, config = GenerationEval(), GenerationConfig()
+    group = parser.add_argument_group("generation (off unless --generate)")
+    group.add_argument("--generate", action="store_true", help="Generate for held-out prompts and judge the responses.")
+    group.add_argument("--num-prompts", type=int, default=default.num_prompts, help="Distinct held-out prompts.")
+    group.add_argument("--max-new-tokens", type=int, default=config.max_new_tokens, help="Token cap per response.")
+    group.add_argument("--gen-batch-size", type=int, default=config.batch_size, help="Prompts per generate call.")
+    group.add_argument("--sample", action="store_true", help="Seeded sampling instead of greedy decoding.")
+    group.add_argument("--temperature", type=float, default=config.temperature, help="Sampling temperature.")
+    group.add_argument("--top-p", type=float, default=config.top_p, help="Nucleus sampling mass.")
+    group.add_argument("--gen-seed", type=int, default=config.seed, help="Sampling seed.")
+    group.add_argument("--judges", default=",".join(default.judges),
+                       help="Comma-separated judge specs (raco_ds.evaluation.judges): length_tokens, length_words, "
+                            "implicit_reward, reward_model:PATH, beaver_reward:PATH, beaver_cost:PATH.")
+
+
+def generation_from_args(args: Any) -> GenerationEval | None:
+    """The :class:`GenerationEval` the options of :func:`add_generation_arguments` describe (None: off)."""
+    if not args.generate:
+        return None
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch_size, sample=args.sample,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.gen_seed)
+    judges = [j.strip() for j in args.judges.split(",") if j.strip()]
+    return GenerationEval(config=config, num_prompts=args.num_prompts, judges=judges)
 
 
 def resolve_run(path: str | Path) -> tuple[Path, Path | None]:
@@ -123,31 +196,41 @@ class _PlainEngine:
 @dataclass
 class _Split:
     dataset: Any
-    indices: list[int]
+    split: Any  # raco_ds.trainer.data.DataSplit
     conflict: list[int]
     collator: Any
     reference: Any  # PairScores of the initial model
 
 
 class HeldOutEvaluator:
-    """Evaluate saved models on their run's held-out pairs; the reference is scored once and cached.
+    """Evaluate saved models on their run's held-out pairs (and prompts); the reference is scored once.
 
     Call it as a sweep evaluator (``evaluator(point, train_dir)``) or use :meth:`evaluate`.
     """
 
-    def __init__(self, batch_size: int | None = None, device: str | None = None) -> None:
+    def __init__(
+        self, batch_size: int | None = None, device: str | None = None, generation: GenerationEval | None = None
+    ) -> None:
         """``batch_size``: pairs per forward (None: the run's logging.eval_batch_size);
-        ``device``: where models run (None: cuda when available, else cpu)."""
+        ``device``: where models run (None: cuda when available, else cpu);
+        ``generation``: also generate for held-out prompts and judge the responses (None: pairs only)."""
         self.batch_size = batch_size
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.generation = generation
         self._splits: dict[str, _Split] = {}
-        self._models: dict[str, tuple[Any, Any]] = {}  # reference name -> (model, tokenizer)
+        self._references: dict[str, Any] = {}  # reference name -> model (for the implicit_reward judge)
 
-    def __call__(self, point: Any, train_dir: Path) -> dict[str, float]:
-        """Sweep evaluator: the flat metrics of ``train_dir``'s exported model."""
-        return self.evaluate(train_dir).flat()
+    def __call__(self, point: Any, train_dir: Path) -> EvalReport:
+        """Sweep evaluator: the report of ``train_dir``'s exported model (samples beside the folder)."""
+        return self.evaluate(train_dir, samples_path=Path(train_dir).parent / "generations.jsonl")
 
-    def evaluate(self, model_path: str | Path, cfg: Any | None = None, reference: str | None = None) -> EvalReport:
+    def evaluate(
+        self,
+        model_path: str | Path,
+        cfg: Any | None = None,
+        reference: str | None = None,
+        samples_path: str | Path | None = None,
+    ) -> EvalReport:
         """Evaluate a run folder or model folder.
 
         Args:
@@ -155,10 +238,12 @@ class HeldOutEvaluator:
             cfg: the :class:`~raco_ds.trainer.config.TrainConfig` giving the data, split, loss and
                 reference; None: the run's saved ``config.yaml`` (required then).
             reference: override the reference model (default: ``cfg.model.name_or_path``).
+            samples_path: where generated samples and their scores go (JSON lines; default
+                ``<model folder>/generations.jsonl``). Unused without generation.
         """
         from raco_ds.models import load_model
         from raco_ds.trainer.config import load_config
-        from raco_ds.trainer.eval import evaluate, score_pairs
+        from raco_ds.trainer.eval import HELDOUT_SCORES_FILE, evaluate, heldout_items, load_heldout_scores, score_pairs
 
         model_dir, config_path = resolve_run(model_path)
         if cfg is None:
@@ -169,61 +254,122 @@ class HeldOutEvaluator:
                 )
             cfg = load_config(config_path)
         reference = reference or cfg.model.name_or_path
-        split = self._split(cfg, reference)
+        held = self._split(cfg, reference)
+        indices = held.split.eval_indices
         batch_size = self.batch_size or cfg.logging.eval_batch_size
 
         policy = load_model(str(model_dir), dtype=cfg.model.dtype).to(self.device)
-        engine = _PlainEngine(policy)
-        scores = score_pairs(engine, split.dataset, split.indices, batch_size, split.collator)
-        loss_args = {"loss": cfg.loss.name, "beta": cfg.loss.beta, "options": dict(cfg.loss.options)}
-        metrics = evaluate(scores, split.reference, split.dataset, split.indices, **loss_args)
+        scores = None
+        if config_path is not None and model_dir == config_path.parent / "export":
+            scores = load_heldout_scores(config_path.parent / HELDOUT_SCORES_FILE, held.dataset, indices)
+        if scores is None:
+            scores = score_pairs(_PlainEngine(policy), held.dataset, indices, batch_size, held.collator)
+        loss_args = {"loss": cfg.loss.name, "beta": cfg.loss.beta}
+        metrics = evaluate(scores, held.reference, held.dataset, indices, **loss_args, options=dict(cfg.loss.options))
         # KL proxy: the chosen response's log-ratio, i.e. DPO's chosen reward at beta = 1.
-        metrics["kl_proxy"] = evaluate(scores, split.reference, split.dataset, split.indices, loss="dpo", beta=1.0)[
+        metrics["kl_proxy"] = evaluate(scores, held.reference, held.dataset, indices, loss="dpo", beta=1.0)[
             "chosen_reward"
         ]
-        if split.conflict:
-            conflict = evaluate(scores, split.reference, split.dataset, split.conflict, **loss_args)
-            metrics["accuracy_conflict"] = conflict["accuracy"]
-            metrics["margin_conflict"] = conflict["margin"]
-        del policy, engine
+        items = heldout_items(scores, held.reference, held.dataset, indices, held.split.groups, **loss_args)
+        generation: dict[str, Any] = {}
+        if self.generation is not None:
+            samples_path = Path(samples_path) if samples_path else model_dir / "generations.jsonl"
+            gen_items, generation = self._generate(policy, model_dir, cfg, reference, held, samples_path)
+            items.update(gen_items)
+        del policy
         return EvalReport(
-            objectives=list(split.dataset.objective_names),
+            objectives=list(held.dataset.objective_names),
             metrics={k: [float(x) for x in v] for k, v in metrics.items()},
             model=str(model_dir),
             reference=reference,
-            num_eval_pairs=len(split.indices),
-            num_conflict_pairs=len(split.conflict),
+            num_eval_pairs=len(indices),
+            num_conflict_pairs=len(held.conflict),
+            item_values=items,
+            intervals=estimates(items),
+            generation=generation,
         )
+
+    def _generate(
+        self, policy: Any, model_dir: Path, cfg: Any, reference: str, held: _Split, samples_path: Path
+    ) -> tuple[dict[str, ItemValues], dict[str, Any]]:
+        """Generate for the held-out prompts, judge, write the samples; (items, description)."""
+        from raco_ds.evaluation.generation import generate
+        from raco_ds.evaluation.judges import JudgeContext, build_judge
+        from raco_ds.models import load_model, load_tokenizer
+
+        spec = self.generation
+        tokenizer = load_tokenizer(str(model_dir))
+        prompts, clusters, users = _held_out_prompts(held, spec.num_prompts)
+        samples = generate(policy, tokenizer, prompts, spec.config, clusters, users)
+        context = JudgeContext(policy=policy, tokenizer=tokenizer, beta=cfg.loss.beta, device=self.device,
+                               batch_size=self.batch_size or cfg.logging.eval_batch_size)
+        if "implicit_reward" in spec.judges:
+            if reference not in self._references:
+                self._references[reference] = load_model(reference, dtype=cfg.model.dtype).to(self.device).eval()
+            context.reference = self._references[reference]
+        scores = {name: build_judge(name, context).score(samples) for name in spec.judges}
+        cluster_ids = [s.cluster for s in samples]
+        items = {f"gen/{name}": ItemValues(values, cluster_ids) for name, values in scores.items()}
+        items["gen/finished"] = ItemValues([float(s.finished) for s in samples], cluster_ids)
+        _write_samples(samples_path, samples, scores)
+        description = {"config": spec.config.to_dict(), "judges": list(spec.judges), "num_prompts": len(samples),
+                       "decoding": spec.config.describe(), "samples": str(samples_path)}
+        return items, description
 
     def _split(self, cfg: Any, reference: str) -> _Split:
         """The held-out pairs of ``cfg`` tokenised for ``reference``, with the reference's scores (cached)."""
         from raco_ds.models import load_model, load_tokenizer
         from raco_ds.trainer.eval import score_pairs
+        from raco_ds.trainer.loop import build_data
 
         key = hashlib.sha256(json.dumps({
             "reference": reference, "dtype": cfg.model.dtype, "data": vars(cfg.data),
-            "seed": cfg.optimisation.seed, "objectives": cfg.objectives.names,
+            "objectives": cfg.objectives.names,
         }, sort_keys=True, default=str).encode()).hexdigest()
         if key in self._splits:
             return self._splits[key]
         tokenizer = load_tokenizer(reference)
-        dataset, collator, indices = _held_out_data(cfg, tokenizer)
-        conflict = _conflict_pairs(dataset, indices)
+        dataset, collator, split, _streams = build_data(cfg, tokenizer, 0, 1)
+        conflict = _conflict_pairs(dataset, split.eval_indices)
         model = load_model(reference, dtype=cfg.model.dtype).to(self.device)
-        scores = score_pairs(_PlainEngine(model), dataset, indices, self.batch_size or cfg.logging.eval_batch_size, collator)
+        batch_size = self.batch_size or cfg.logging.eval_batch_size
+        scores = score_pairs(_PlainEngine(model), dataset, split.eval_indices, batch_size, collator)
         del model
-        logger.info("held-out split: %d pairs (%d with conflicting labels); reference %s scored",
-                    len(indices), len(conflict), reference)
-        self._splits[key] = _Split(dataset, indices, conflict, collator, scores)
+        logger.info("held-out split: %d pairs from %d prompt groups (%d with conflicting labels); reference %s scored",
+                    len(split.eval_indices), split.num_eval_groups, len(conflict), reference)
+        self._splits[key] = _Split(dataset, split, conflict, collator, scores)
         return self._splits[key]
 
 
-def _held_out_data(cfg: Any, tokenizer: Any) -> tuple[Any, Any, list[int]]:
-    """The run's tokenised dataset, collator and held-out indices, by the trainer's own code (rank 0 of 1)."""
-    from raco_ds.trainer.loop import build_data
+def _held_out_prompts(held: _Split, limit: int) -> tuple[list[list[int]], list[str], list[str | None]]:
+    """Distinct rendered prompts of the held-out pairs (split order), their groups and user texts."""
+    seen: set[bytes] = set()
+    prompts, clusters, users = [], [], []
+    for i in held.split.eval_indices:
+        ids = held.dataset[i].prompt_ids
+        if ids.tobytes() in seen:
+            continue
+        seen.add(ids.tobytes())
+        prompts.append(ids.tolist())
+        clusters.append(f"g{held.split.groups[i]}")
+        users.append(held.split.eval_users.get(i) if held.split.eval_users else None)
+        if len(prompts) == limit:
+            break
+    return prompts, clusters, users
 
-    dataset, collator, split, _streams = build_data(cfg, tokenizer, 0, 1)
-    return dataset, collator, split.eval_indices
+
+def _write_samples(path: Path, samples: list[Sample], scores: dict[str, list[float]]) -> None:
+    """One JSON line per sample: prompt, response, lengths, cluster and every judge's score."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(".tmp-" + path.name)
+    with open(tmp, "w") as fh:
+        for i, sample in enumerate(samples):
+            fh.write(json.dumps({
+                "prompt": sample.prompt_text, "response": sample.response_text, "cluster": sample.cluster,
+                "response_tokens": len(sample.response_ids), "finished": sample.finished,
+                "scores": {name: values[i] for name, values in scores.items()},
+            }) + "\n")
+    tmp.replace(path)
 
 
 def _conflict_pairs(dataset: Any, indices: list[int]) -> list[int]:

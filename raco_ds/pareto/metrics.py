@@ -1,6 +1,6 @@
-"""Quality measures of a Pareto front: non-dominated points, hypervolume, weight monotonicity.
+"""Quality measures of a Pareto front: non-dominated points, hypervolume, rank correlation.
 
-Every objective is *maximised* (preference accuracy, implicit-reward margin).
+Every objective is *maximised* (preference accuracy, implicit-reward margin, a negated length).
 
 Hypervolume
     The measure (area for K = 2) of the region dominated by the points and bounded below by a
@@ -8,17 +8,11 @@ Hypervolume
     Points that do not strictly exceed r in every coordinate add nothing. Exact for any K
     (slicing recursion, O(n^K log n): meant for the handful of points of a sweep).
 
-    Reference point used by the sweeps (:data:`ACCURACY_REFERENCE`, :data:`CHANCE_REFERENCE`):
-    for preference accuracy, r = (0, ..., 0), the metric's lower bound, so every point counts
-    and the hypervolume lies in [0, 1]; and r = (0.5, ..., 0.5), chance level, which only
-    credits a front for the part of it that beats guessing on every objective. For other
-    metrics the caller passes r (e.g. the initial model's values).
+    The sweeps (raco_ds.pareto.statistics) use one reference point for all aggregators of a
+    sweep: the per-objective minimum of their per-weight means (the sweep's nadir), unless given.
 
-Monotonicity
-    Does the front follow the user's weights? For each objective k, the Spearman rank
-    correlation between w_k and objective k's metric over the sweep's points (1: more weight
-    always buys more of that objective); the score is the mean over objectives where it is
-    defined (NaN when w_k or the metric is constant).
+Spearman
+    Rank correlation, the steering statistic's core: does objective k's metric rise with w_k?
 
 >>> hypervolume([(1.0, 2.0), (2.0, 1.0)], (0.0, 0.0))
 3.0
@@ -30,23 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-__all__ = [
-    "ACCURACY_REFERENCE",
-    "CHANCE_REFERENCE",
-    "Monotonicity",
-    "hypervolume",
-    "monotonicity",
-    "non_dominated",
-    "spearman",
-]
-
-ACCURACY_REFERENCE = 0.0
-"""Hypervolume reference coordinate for accuracies: their lower bound (every point counts)."""
-
-CHANCE_REFERENCE = 0.5
-"""Hypervolume reference coordinate for accuracies at chance level (only above-chance area counts)."""
+__all__ = ["hypervolume", "non_dominated", "spearman"]
 
 
 def _as_points(points: Sequence[Sequence[float]], where: str = "points") -> list[tuple[float, ...]]:
@@ -153,33 +132,3 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     if sxx == 0 or syy == 0:
         return math.nan
     return sxy / math.sqrt(sxx * syy)
-
-
-@dataclass(frozen=True)
-class Monotonicity:
-    """How well a sweep's metrics follow its weights."""
-
-    per_objective: tuple[float, ...]
-    """Spearman(w_k, metric_k) over the points, one per objective (NaN where undefined)."""
-    score: float
-    """Mean of the defined per-objective correlations (NaN if none is defined)."""
-
-
-def monotonicity(weights: Sequence[Sequence[float]], metrics: Sequence[Sequence[float]]) -> Monotonicity:
-    """Spearman correlation of w_k with objective k's metric over points, per objective and averaged.
-
-    ``weights[i]`` and ``metrics[i]`` are point i's weight vector and per-objective metric.
-
-    >>> monotonicity([(0, 1), (0.5, 0.5), (1, 0)], [(0.1, 0.9), (0.5, 0.6), (0.9, 0.2)]).score
-    1.0
-    """
-    w, m = _as_points(weights, "weights"), _as_points(metrics, "metrics")
-    if len(w) != len(m):
-        raise ValueError(f"got {len(w)} weight vectors but {len(m)} metric vectors; pass one of each per point")
-    if not w:
-        return Monotonicity(per_objective=(), score=math.nan)
-    if len(w[0]) != len(m[0]):
-        raise ValueError(f"weights have {len(w[0])} objectives but metrics have {len(m[0])}")
-    per = tuple(spearman([p[k] for p in w], [p[k] for p in m]) for k in range(len(w[0])))
-    defined = [r for r in per if math.isfinite(r)]
-    return Monotonicity(per_objective=per, score=sum(defined) / len(defined) if defined else math.nan)

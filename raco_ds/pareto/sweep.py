@@ -12,7 +12,8 @@ Layout of ``output_dir``::
         train.log                   stdout + stderr of every attempt
         DONE.json                   completion marker, written atomically after a successful run
         eval.json                   held-out metrics of that trained model
-    results.csv, results.json       one row per point, plus per-aggregator hypervolume/monotonicity
+    results.csv, results.json       one row per point; results.json adds per-aggregator statistics
+                                    with 95% intervals (raco_ds.pareto.statistics)
     pareto.png                      objective 1's metric against objective 2's
 
 Restart rules: a point with ``DONE.json`` is not trained again; a point without it (never
@@ -40,14 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from raco_ds.pareto.grid import DEFAULT_STEP, Weights, format_weights, simplex_grid, validate_weights
-from raco_ds.pareto.metrics import (
-    ACCURACY_REFERENCE,
-    CHANCE_REFERENCE,
-    hypervolume,
-    monotonicity,
-    non_dominated,
-)
-from raco_ds.pareto.plot import plot_fronts
+from raco_ds.pareto.metrics import non_dominated
+from raco_ds.pareto.plot import plot_sweep
+from raco_ds.pareto.statistics import MetricSpec, RunData, curve_roughness, sweep_statistics
 
 __all__ = [
     "DONE_MARKER",
@@ -58,7 +54,6 @@ __all__ = [
     "SweepError",
     "SweepPoint",
     "SweepResult",
-    "front_summary",
     "run_sweep",
     "write_json_atomic",
 ]
@@ -72,8 +67,6 @@ EVAL_FILE = "eval.json"
 """Name of the per-point evaluation result."""
 REFERENCE_FILE = "reference_logps.pt"
 """The trainer's file of the initial model's log-probs (raco_ds.trainer.loop), shared between points."""
-FRONT_METRICS = ("accuracy", "margin")
-"""Per-objective metrics a front (hypervolume, monotonicity, plot) can be drawn in."""
 
 # Options the sweep sets per point: passing them in train_args would silently fight the sweep.
 _RESERVED = {
@@ -119,8 +112,10 @@ class SweepConfig:
     """Wall-clock limit per training attempt in seconds (the attempt is killed and counts as a crash)."""
     resume_crashed: bool = False
     """Retry a crashed point with --resume (continue from its last checkpoint) instead of from scratch."""
-    front_metric: str = "accuracy"
-    """Per-objective metric of the fronts: "accuracy" (held-out preference accuracy) or "margin"."""
+    metrics: list[str] | None = None
+    """One metric per objective, in weight order, that the fronts, hypervolume, steering statistic
+    and plot use: a flat evaluation key, "-" in front when lower is better (e.g.
+    accuracy_disagree/helpfulness, -gen/length_tokens). None: accuracy/<objective> for each."""
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment variables for the training subprocesses (e.g. OMP_NUM_THREADS)."""
     train: bool = True
@@ -141,8 +136,9 @@ class SweepConfig:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 seconds or None (no limit), got {self.timeout_s}")
-        if self.front_metric not in FRONT_METRICS:
-            raise ValueError(f"front_metric={self.front_metric!r} is not known; use one of {list(FRONT_METRICS)}")
+        if self.metrics is not None and len(self.metrics) != len(self.objectives):
+            raise ValueError(f"metrics={self.metrics} names {len(self.metrics)} metrics for {len(self.objectives)} "
+                             f"objectives {self.objectives}; give one per objective, e.g. accuracy/{self.objectives[0]}")
         for arg in self.train_args:
             key = arg.split("=", 1)[0]
             if key in _RESERVED:
@@ -151,6 +147,10 @@ class SweepConfig:
                     f"use the sweep's {_RESERVED[key]} setting instead"
                 )
         self.grid()  # validate the grid now, not after the first training run
+
+    def metric_specs(self) -> list[MetricSpec]:
+        """The per-objective metrics (``metrics`` or accuracy/<objective>), parsed."""
+        return [MetricSpec.parse(m) for m in (self.metrics or [f"accuracy/{o}" for o in self.objectives])]
 
     def grid(self) -> list[Weights]:
         """The weight vectors of the sweep (explicit ``weights`` or the simplex grid)."""
@@ -209,6 +209,9 @@ class PointOutcome:
     """Wall time of the successful training run (from its marker when skipped)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """Held-out metrics (empty if failed or not evaluated)."""
+    items: dict[str, dict] = field(default_factory=dict)
+    """Per-item values behind the metrics ({"values": [...], "clusters": [...]}; empty when the
+    evaluator gives means only): the sweep's bootstrap resamples them."""
 
 
 @dataclass
@@ -218,7 +221,8 @@ class SweepResult:
     outcomes: list[PointOutcome]
     """Every point of the grid, in sweep order."""
     summary: dict[str, dict[str, Any]]
-    """Aggregator -> hypervolume, monotonicity and front members (see :func:`front_summary`)."""
+    """Aggregator -> per-weight means, hypervolume, steering and roughness with 95% intervals, and
+    the front's members (raco_ds.pareto.statistics; Estimates as dicts)."""
     files: dict[str, Path]
     """"csv", "json", "png" -> written paths."""
 
@@ -228,10 +232,12 @@ class SweepResult:
         return [o for o in self.outcomes if o.status == "failed"]
 
 
-Evaluator = Callable[[SweepPoint, Path], Mapping[str, float]]
-"""(point, its trainer output folder) -> flat held-out metrics, e.g. {"accuracy/helpful": 0.7, ...}.
+Evaluator = Callable[[SweepPoint, Path], Any]
+"""(point, its trainer output folder) -> flat held-out metrics, e.g. {"accuracy/helpful": 0.7, ...},
+or an object with ``flat()`` (those metrics) and ``item_values`` (per-item values with their
+bootstrap clusters, e.g. :class:`raco_ds.pareto.evaluate.EvalReport`).
 
-Keys are "<metric>/<objective>"; the front uses "<front_metric>/<objective>"."""
+Keys are "<metric>/<objective>"; the fronts use the keys of ``SweepConfig.metrics``."""
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -397,44 +403,24 @@ def _share_reference_scores(cfg: SweepConfig, train_dir: Path) -> None:
             return
 
 
-def _evaluate_point(point: SweepPoint, folder: Path, evaluator: Evaluator) -> dict[str, float]:
+def _evaluate_point(point: SweepPoint, folder: Path, evaluator: Evaluator) -> tuple[dict[str, float], dict]:
+    """(flat metrics, per-item values as dicts) of a point, from its eval.json when it is current."""
     done = _read_json(folder / DONE_MARKER) or {}
     cached = _read_json(folder / EVAL_FILE)
     if cached is not None and cached.get("finished_at") == done.get("finished_at"):
-        return dict(cached["metrics"])
-    metrics = {k: float(v) for k, v in evaluator(point, folder / "train").items()}
-    write_json_atomic(folder / EVAL_FILE, {"finished_at": done.get("finished_at"), "metrics": metrics})
-    return metrics
+        return dict(cached["metrics"]), dict(cached.get("items", {}))
+    result = evaluator(point, folder / "train")
+    if isinstance(result, Mapping):
+        metrics, items = {k: float(v) for k, v in result.items()}, {}
+    else:  # an EvalReport: means plus the per-item values a sweep's bootstrap resamples
+        metrics = {k: float(v) for k, v in result.flat().items()}
+        items = {k: v.to_dict() for k, v in result.item_values.items()}
+    write_json_atomic(folder / EVAL_FILE, {"finished_at": done.get("finished_at"), "metrics": metrics, "items": items})
+    return metrics, items
 
 
 # ---------------------------------------------------------------------------
 # Fronts and outputs.
-
-
-def front_summary(
-    points: Sequence[tuple[Weights, Sequence[float]]],
-    reference: Sequence[float] | None = None,
-) -> dict[str, Any]:
-    """Hypervolume, monotonicity and the non-dominated members of one aggregator's points.
-
-    ``points`` are (weights, per-objective metric) pairs. ``hypervolume`` uses ``reference``
-    (default: 0 per objective, the accuracy lower bound); ``hypervolume_above_chance`` uses
-    0.5 per objective (meaningful for accuracies only).
-    """
-    k = len(points[0][0]) if points else 0
-    ref = list(reference) if reference is not None else [ACCURACY_REFERENCE] * k
-    values = [tuple(v) for _, v in points]
-    mono = monotonicity([w for w, _ in points], values)
-    front = non_dominated(values)
-    return {
-        "hypervolume": hypervolume(values, ref),
-        "hypervolume_reference": ref,
-        "hypervolume_above_chance": hypervolume(values, [CHANCE_REFERENCE] * k),
-        "monotonicity": mono.score,
-        "monotonicity_per_objective": list(mono.per_objective),
-        "front": [list(points[i][0]) for i in front],
-        "num_points": len(points),
-    }
 
 
 def _rows(cfg: SweepConfig, outcomes: Sequence[PointOutcome]) -> list[dict[str, Any]]:
@@ -449,21 +435,47 @@ def _rows(cfg: SweepConfig, outcomes: Sequence[PointOutcome]) -> list[dict[str, 
     return rows
 
 
-def _front_points(cfg: SweepConfig, outcomes: Sequence[PointOutcome], aggregator: str) -> list[tuple[Weights, list[float]]]:
-    keys = [f"{cfg.front_metric}/{name}" for name in cfg.objectives]
-    return [
-        (o.point.weights, [o.metrics[k] for k in keys])
-        for o in outcomes
-        if o.point.aggregator == aggregator and all(k in o.metrics for k in keys)
-    ]
+def _roughness(cfg: SweepConfig, point: SweepPoint) -> float:
+    """Mean over objectives of the roughness of the point's per-step training loss (NaN if unlogged)."""
+    path = point.folder(cfg.output_dir) / "train" / "metrics.jsonl"
+    if not path.is_file():
+        return math.nan
+    steps = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    values = [curve_roughness([s.get(f"train/loss/{name}", math.nan) for s in steps]) for name in cfg.objectives]
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _json_statistics(stats: dict[str, Any], specs: Sequence[MetricSpec]) -> dict[str, Any]:
+    """The statistics with every Estimate as a dict, and the front's members."""
+    out = {}
+    for name, s in stats.items():
+        values = [[e.value for e in row] for row in s["means"]]
+        out[name] = {
+            "weights": s["weights"],
+            "num_seeds": s["num_seeds"],
+            "metrics": [str(spec) for spec in specs],
+            "means": [[e.to_dict() for e in row] for row in s["means"]],
+            "hypervolume": s["hypervolume"].to_dict(),
+            "steering": [e.to_dict() for e in s["steering"]],
+            "steering_mean": s["steering_mean"].to_dict(),
+            "roughness": s["roughness"].to_dict(),
+            "front": [s["weights"][i] for i in non_dominated(values)],
+        }
+    return out
 
 
 def _write_outputs(cfg: SweepConfig, outcomes: list[PointOutcome]) -> tuple[dict[str, Any], dict[str, Path]]:
     out = Path(cfg.output_dir)
     rows = _rows(cfg, outcomes)
-    reference = [0.0] * len(cfg.objectives)  # accuracy's lower bound; margin's value at the initial model
-    fronts = {a: _front_points(cfg, outcomes, a) for a in cfg.aggregators}
-    summary = {a: front_summary(p, reference) for a, p in fronts.items() if p}
+    specs = cfg.metric_specs()
+    runs = [
+        RunData(o.point.aggregator, o.point.weights, o.point.seed, o.metrics, o.items, _roughness(cfg, o.point))
+        for o in outcomes
+        if all(spec.key in o.metrics for spec in specs)
+    ]
+    stats, reference = sweep_statistics(runs, specs) if runs else ({}, [])
+    summary = _json_statistics(stats, specs)
 
     columns = list(dict.fromkeys(k for row in rows for k in row))
     csv_path = out / "results.csv"
@@ -477,23 +489,25 @@ def _write_outputs(cfg: SweepConfig, outcomes: list[PointOutcome]) -> tuple[dict
     json_path = out / "results.json"
     write_json_atomic(json_path, {
         "objectives": cfg.objectives,
-        "front_metric": cfg.front_metric,
+        "metrics": [str(spec) for spec in specs],
+        "hypervolume_reference": reference,
         "hypervolume_note": (
-            "maximisation; reference point = 0 per objective (accuracy's lower bound, the initial "
-            "model's margin); hypervolume_above_chance uses 0.5 per objective"
+            "maximisation of the signed metrics; the reference point is the sweep's nadir (per objective, the "
+            "lowest per-weight mean of any aggregator), the same for every aggregator"
+        ),
+        "interval_note": (
+            "95% percentile intervals of a paired two-level bootstrap: held-out items resampled by prompt "
+            "group (one draw shared by every model), seeds resampled within each weight vector"
         ),
         "config": dataclasses.asdict(cfg),
         "points": rows,
         "summary": summary,
     })
     files = {"csv": csv_path, "json": json_path}
-    if any(fronts.values()) and len(cfg.objectives) >= 2:
-        files["png"] = plot_fronts(
-            {a: p for a, p in fronts.items() if p},
-            out / "pareto.png",
-            axis_labels=(f"held-out {cfg.front_metric}: {cfg.objectives[0]}",
-                         f"held-out {cfg.front_metric}: {cfg.objectives[1]}"),
-            title=f"Pareto sweep ({', '.join(cfg.aggregators)}); labels: weights "
+    if stats:
+        files["png"] = plot_sweep(
+            stats, out / "pareto.png", objectives=cfg.objectives, metric_labels=[str(spec) for spec in specs],
+            title=f"sweep ({', '.join(stats)}; {max(len(cfg.seeds), 1)} seed(s)); point labels: weights "
                   f"({','.join(cfg.objectives)})",
         )
     return summary, files
@@ -521,13 +535,14 @@ def run_sweep(cfg: SweepConfig, evaluator: Evaluator | None = None) -> SweepResu
         outcome = _train_point(cfg, point)
         if outcome.status in ("skipped", "trained") and cfg.evaluate:
             try:
-                outcome.metrics = _evaluate_point(point, point.folder(out), evaluator)
+                outcome.metrics, outcome.items = _evaluate_point(point, point.folder(out), evaluator)
             except Exception:  # one broken export must not cost the rest of the sweep
                 logger.exception("%s: evaluation failed; the next call evaluates it again", point.name)
                 outcome.status = "failed"
         outcomes.append(outcome)
         logger.info("[%d/%d] %s %s %s (%s)", i, len(points), point.name, outcome.status,
-                    " ".join(f"{k}={v:.3f}" for k, v in outcome.metrics.items() if k.startswith(cfg.front_metric)),
+                    " ".join(f"{spec}={spec.sign * outcome.metrics[spec.key]:.3f}" for spec in cfg.metric_specs()
+                             if spec.key in outcome.metrics),
                     _progress(outcomes, len(points), time.perf_counter() - started))
     summary, files = _write_outputs(cfg, outcomes)
     return SweepResult(outcomes=outcomes, summary=summary, files=files)
