@@ -14,7 +14,8 @@ local folder, or a hub name resolved by the user's HF setup).
 
 Attention: ``flash_attention_2`` when the ``flash_attn`` package imports, a
 CUDA device is present and the dtype is bf16 (its only supported case here),
-otherwise ``sdpa``; an explicit ``attn_implementation`` wins.
+otherwise transformers' default (``sdpa`` where the architecture has it, else
+``eager``); an explicit ``attn_implementation`` wins.
 """
 
 from __future__ import annotations
@@ -84,12 +85,13 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def choose_attn_implementation(dtype: Dtype, requested: str | None = None) -> str:
-    """The attention kernel to use: ``requested``, else flash_attention_2 where it can run, else sdpa."""
+def choose_attn_implementation(dtype: Dtype, requested: str | None = None) -> str | None:
+    """The attention kernel to ask for: ``requested``, else flash_attention_2 where it can run, else None
+    (transformers' own default: sdpa where the architecture has it, eager where not, e.g. Bloom)."""
     if requested is not None:
         return requested
     flash_usable = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available() and dtype == "bf16"
-    return "flash_attention_2" if flash_usable else "sdpa"
+    return "flash_attention_2" if flash_usable else None
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> Any:

@@ -153,6 +153,10 @@ class RacoHook:
         """
         return self._rows.capture_rows()
 
+    def release_capture_rows(self) -> None:
+        """Take back the rows of :meth:`capture_rows` (their capture stopped); K-pass capture may follow."""
+        self._rows.release_capture_rows()
+
     @property
     def buffer_bytes(self) -> int:
         """Bytes the hook holds for per-objective shards on this rank."""

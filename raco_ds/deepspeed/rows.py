@@ -86,6 +86,12 @@ class ShardRows:
             return [*self.buffer, engine]
         return list(self.ensure_full())
 
+    def release_capture_rows(self) -> None:
+        """The capture that :meth:`capture_rows` served is gone: per-objective passes may use these rows again."""
+        if self.row_of or self.in_engine is not None:
+            raise RuntimeError("the hook's shard rows cannot be released in the middle of a step")
+        self._external_last_in_engine = False
+
     def _engine_flat_shard(self) -> torch.Tensor | None:
         flat = self.strategy.flat_engine_shard()
         if flat is None or flat.numel() != self.buffer.shape[1] or flat.device != self.buffer.device:

@@ -3,18 +3,20 @@
 Both strategies end in ``hook.step()`` (Gram -> solve -> write -> engine.step())
 and differ only in how the hook's K shards get filled (the hook's capture seam):
 
-- :class:`KPassCapture`: per-objective data runs each objective's micro-batches
+- :class:`KPassStep`: per-objective data runs each objective's micro-batches
   inside ``with hook.objective(k)``; shared-pair data calls
   ``hook.backward_shared`` (one forward for all K losses on ZeRO 0-2; under
   ZeRO-3 the hook re-runs the forward per objective).
-- :class:`OnePassCapture`: one forward and one backward per micro-batch for all
+- :class:`OnePassStep`: one forward and one backward per micro-batch for all
   K objectives (raco_ds.onepass, DESIGN.md section 6). The seed is the sum of
   the rows' response log-probs and the (K, 2B) row coefficients are
   dL_k/dlogp_r, which covers both data shapes with one recipe; per-objective
-  data puts every objective's micro-batch into the same forward.
+  data puts every objective's micro-batch into the same forward. Its first
+  step (and every ``raco.verify_every`` steps) first checks the capture against
+  autograd on the step's first micro-batch; a mismatch falls back to K passes.
 
 :func:`choose_capture` picks one once, from ``raco.capture`` and what the engine
-supports, and says why.
+and the model support, and says why.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from typing import Any
 
 from raco_ds.trainer.config import ConfigError
 
-__all__ = ["KPassCapture", "OnePassCapture", "choose_capture"]
+__all__ = ["KPassStep", "OnePassStep", "choose_capture"]
 
 logger = logging.getLogger("raco_ds.trainer")
 
 
-class KPassCapture:
+class KPassStep:
     """One backward per objective (DeepSpeed reduces each), captured by the hook."""
 
     name = "k_pass"
@@ -78,38 +80,59 @@ class KPassCapture:
         return hook.step()
 
 
-class OnePassCapture:
-    """All K gradients from one forward + one backward per micro-batch (raco_ds.onepass)."""
+class OnePassStep:
+    """All K gradients from one forward + one backward per micro-batch (raco_ds.onepass).
+
+    Built only where the engine supports it and every trainable module has a
+    covering rule (construction raises UnsupportedModuleError otherwise). Before
+    its first step, and every ``raco.verify_every`` steps, the capture is checked
+    against autograd on the step's first micro-batch; on a mismatch (or an error
+    inside the check) under ``raco.capture=auto`` it logs why, removes its hooks
+    and the run continues with :class:`KPassStep` from this very step;
+    ``raco.capture=onepass`` raises instead.
+    """
 
     name = "onepass"
 
     def __init__(self, run) -> None:
         from raco_ds.onepass import DeepSpeedOnePass
 
-        # Bound to the hook's rows (the last one DeepSpeed's own buffer where possible), the K shards
-        # are reduced straight into them during the backward.
-        self.rows = run.hook.capture_rows()
-        self.adapter = DeepSpeedOnePass(run.engine, len(run.names), run.hook.shard_layout, shard_buffer=self.rows)
+        self.adapter = DeepSpeedOnePass(run.engine, len(run.names), run.hook.shard_layout)
+        self.rows: list | None = None  # the hook's K shard rows, bound once the first check passed
+        self.steps = 0
+        self.check_seconds = 0.0
+        self.failure = ""  # why the self-check failed, once it has
 
     def step(self, run, record) -> Any:
-        """Run one optimizer step's passes and ``hook.step()``; fills ``record``; returns the hook's stats."""
+        """Run one optimizer step's passes and ``hook.step()``; fills ``record``; returns the hook's stats.
+
+        Falls back to K passes (``run.capture`` becomes a :class:`KPassStep`) when the self-check fails.
+        """
         from raco_ds.onepass import coefficients_from_losses
 
         k_total, gas, hook = len(run.names), run.cfg.optimisation.gradient_accumulation_steps, run.hook
         step_started = time.perf_counter()
+        positions = [stream.state_dict() for stream in run.streams]  # a fallback replays the step's data
+        batches = [run.collator([item for stream in run.streams for item in stream.next_items()]).to(run.device)
+                   for _ in range(gas)]  # fmt: skip
+        if self._check_due(run.cfg.raco) and not self._passes_check(run, batches[0]):
+            for stream, position in zip(run.streams, positions):
+                stream.load_state_dict(position)
+            return self._fall_back(run, record)
+        if self.rows is None:
+            # Bound to the hook's rows (the last one DeepSpeed's own buffer where possible), the K
+            # shards are reduced straight into them during the backward.
+            self.rows = hook.capture_rows()
+            self.adapter.zero(shard_buffer=self.rows)
+        self.steps += 1
         reduced_before = self.adapter.scatter.seconds
         self.adapter.zero()
-        for _ in range(gas):
+        for batch in batches:
             # Per-objective data: every objective's next micro-batch in one forward (labels of a pair
             # are 0 for the objectives it does not belong to, so each loss averages its own pairs).
-            items = [item for stream in run.streams for item in stream.next_items()]
-            batch = run.collator(items).to(run.device)
             record.tokens += int(batch.attention_mask.sum())
             with self.adapter.record(rows=batch.input_ids.shape[0]):
-                logits = self.adapter.forward(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                ).logits
-                out, logps = run.losses_from_logits(batch, logits)
+                out, logps = run.losses_from_logits(batch, self._logits(batch))
                 coefficients = coefficients_from_losses(logps, out.losses)  # (K, 2B) = dL_k / dlogp_r
                 self.adapter.backward(logps.sum(), coefficients)
             record.add(out, range(k_total))
@@ -119,21 +142,63 @@ class OnePassCapture:
         record.passes_seconds = time.perf_counter() - step_started - record.scatter_seconds
         return hook.step(before_engine_step=self.adapter.finish_engine_backward)
 
+    def _logits(self, batch):
+        return self.adapter.forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    use_cache=False).logits  # fmt: skip
 
-def choose_capture(run) -> KPassCapture | OnePassCapture:
-    """The capture ``raco.capture`` asks for: "auto" = one pass where the engine supports it, else K passes."""
+    def _check_due(self, raco) -> bool:
+        if not raco.verify_onepass:
+            return False
+        return self.steps == 0 or bool(raco.verify_every and self.steps % raco.verify_every == 0)
+
+    def _passes_check(self, run, batch) -> bool:
+        """Run the self-check on ``batch`` (every rank); True when it passed or could not decide."""
+        from raco_ds.onepass import OnePassMismatchError
+
+        def row_scores():
+            return run.losses_from_logits(batch, self._logits(batch))[1]
+
+        try:
+            result = self.adapter.self_check(row_scores, seed=run.cfg.optimisation.seed + self.steps)
+        except (RuntimeError, ValueError) as err:  # a rule refused something only a real batch shows
+            self.failure = f"one-pass capture failed on the first batch: {err}"
+        else:
+            self.check_seconds += result.seconds
+            if result.inconclusive:
+                logger.warning("capture: one-pass self-check inconclusive (non-finite gradient); checking again next step")
+                return True
+            if result.passed:
+                logger.info("capture: one-pass self-check passed on %d rows in %.1fs (%s)",
+                            batch.input_ids.shape[0], result.seconds, result.describe())  # fmt: skip
+                return True
+            self.failure = result.describe()
+        if run.cfg.raco.capture == "onepass":
+            raise OnePassMismatchError(f"raco.capture='onepass': {self.failure}; use --capture auto or k_pass")
+        return False
+
+    def _fall_back(self, run, record) -> Any:
+        logger.warning("capture: K passes per step from step %d on (%s)", self.steps + 1, self.failure)
+        self.adapter.remove()
+        if self.rows is not None:
+            run.hook.release_capture_rows()
+        run.capture = KPassStep()
+        return run.capture.step(run, record)
+
+
+def choose_capture(run) -> KPassStep | OnePassStep:
+    """The capture ``raco.capture`` asks for: "auto" = one pass where the engine and the model support it."""
+    from raco_ds.onepass import UnsupportedModuleError, onepass_unsupported_reason
+
     wanted = run.cfg.raco.capture
     if wanted == "k_pass":
-        return KPassCapture()
-    try:
-        from raco_ds.onepass import onepass_unsupported_reason
-
-        reason = onepass_unsupported_reason(run.engine)
-    except ImportError:  # an older raco_ds without the DeepSpeed one-pass adapter
-        reason = "raco_ds.onepass has no DeepSpeed adapter in this installation"
+        return KPassStep()
+    reason = onepass_unsupported_reason(run.engine)
     if reason is None:
-        return OnePassCapture(run)
+        try:
+            return OnePassStep(run)
+        except UnsupportedModuleError as err:
+            reason = str(err)
     if wanted == "onepass":
         raise ConfigError(f"raco.capture='onepass' cannot run here: {reason}; use --capture auto or k_pass")
     logger.warning("capture: K passes per step (one-pass capture unavailable: %s)", reason)
-    return KPassCapture()
+    return KPassStep()

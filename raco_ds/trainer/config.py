@@ -51,6 +51,7 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DebugConfig",
     "LoggingConfig",
     "LossConfig",
     "ModelConfig",
@@ -161,7 +162,16 @@ class RacoConfig:
     """What the hook does when an objective's gradient is not finite: "skip" the step or "raise"."""
     capture: str = "auto"
     """How the K per-objective gradients are captured: "onepass" (one forward and backward for all,
-    raco_ds.onepass), "k_pass" (one backward per objective), or "auto" (onepass where supported)."""
+    raco_ds.onepass), "k_pass" (one backward per objective), or "auto" (onepass where supported and
+    where it passes its self-check; K passes otherwise, with the reason logged)."""
+    verify_onepass: bool = True
+    """Check one-pass gradients against autograd on the first step (two extra forward and backward
+    passes, once); a mismatch falls back to K passes ("auto") or stops the run ("onepass")."""
+    verify_every: int = 0
+    """Repeat the one-pass self-check every N steps (0: only the first step)."""
+    max_consecutive_skips: int = 3
+    """Stop the run with an error after this many steps in a row skipped for non-finite gradients
+    (the checkpoints written before stay); 0: never stop."""
 
 
 @dataclass(kw_only=True)
@@ -232,6 +242,35 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class DebugConfig:
+    """Fault injection for tests and for checking a cluster's handling of bad steps."""
+
+    inject_nonfinite: str | None = None
+    """"STEP:OBJECTIVE": on optimizer step STEP (1-based) the loss of OBJECTIVE (its name or 0-based
+    index) becomes NaN on every rank, so the step is skipped (or raises with raco.on_nonfinite=raise)."""
+
+    def nonfinite_target(self, names: list[str]) -> tuple[int, int] | None:
+        """(step, objective index) of ``inject_nonfinite``, or None; raises ConfigError when malformed."""
+        if self.inject_nonfinite is None:
+            return None
+        step, sep, objective = str(self.inject_nonfinite).partition(":")
+        if not sep or not step.strip().isdigit() or int(step) < 1:
+            raise ConfigError(
+                f"debug.inject_nonfinite={self.inject_nonfinite!r} must be STEP:OBJECTIVE with STEP >= 1, "
+                f"e.g. --debug.inject_nonfinite 2:{names[0]}"
+            )
+        objective = objective.strip()
+        if objective in names:
+            return int(step), names.index(objective)
+        if objective.isdigit() and int(objective) < len(names):
+            return int(step), int(objective)
+        raise ConfigError(
+            f"debug.inject_nonfinite={self.inject_nonfinite!r}: objective {objective!r} is neither one of {names} "
+            f"nor an index below {len(names)}; e.g. --debug.inject_nonfinite {step}:{names[0]}"
+        )
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     """A whole training run."""
 
@@ -251,6 +290,8 @@ class TrainConfig:
     """Console, TensorBoard and evaluation."""
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints, resume and export."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    """Fault injection."""
     ds_config: str | None = None
     """DeepSpeed JSON config ("auto" fields are filled from this config). None: ds_configs/zero3.json."""
 
@@ -383,9 +424,12 @@ def _validate(cfg: TrainConfig) -> None:
         ("checkpointing.save_every", cfg.checkpointing.save_every),
         ("checkpointing.keep_last", cfg.checkpointing.keep_last),
         ("checkpointing.stop_after_steps", cfg.checkpointing.stop_after_steps),
+        ("raco.verify_every", cfg.raco.verify_every),
+        ("raco.max_consecutive_skips", cfg.raco.max_consecutive_skips),
     ):
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
+    cfg.debug.nonfinite_target(names)
     if cfg.model.trainable_last_blocks < -1:
         raise ConfigError(
             f"model.trainable_last_blocks must be -1 (all) or >= 0, got {cfg.model.trainable_last_blocks}"

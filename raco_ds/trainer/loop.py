@@ -243,9 +243,9 @@ class _Run:
             **self.cfg.loss.options,
         )  # fmt: skip
         if self.nonfinite_objective is not None:
-            factor = torch.ones_like(out.losses)
-            factor[self.nonfinite_objective] = float("nan")
-            out = dataclasses.replace(out, losses=out.losses * factor)  # NaN, and so is its gradient
+            from raco_ds.trainer.faults import with_nan_loss
+
+            out = dataclasses.replace(out, losses=with_nan_loss(out.losses, self.nonfinite_objective))
         return out, logps
 
     def losses(self, batch):
@@ -441,9 +441,7 @@ class _SkipCounter:
             self.steps, self.objectives = [], set()
             return
         self.steps.append(step)
-        self.objectives.update(stats.nonfinite_objectives)
-        logger.warning("step %d skipped: non-finite gradient in %s", step,
-                       ", ".join(self.names[k] for k in stats.nonfinite_objectives))  # fmt: skip
+        self.objectives.update(stats.nonfinite_objectives)  # the hook has logged the step's objectives
         if self.limit and len(self.steps) >= self.limit:
             from raco_ds.trainer.checkpoint import find_latest
 

@@ -30,6 +30,7 @@ TAGS = {
     "dual_clipped": "raco/dual_clipped/{objective}",
     "clip_active": "raco/clip_active",
     "skipped": "raco/skipped",
+    "nonfinite": "raco/nonfinite/{objective}",
     "combined_grad_norm": "train/grad_norm_combined",
     "lr": "train/lr",
     "tokens_per_s": "perf/tokens_per_s",
@@ -68,6 +69,8 @@ def memory_scalars() -> dict[str, float]:
 def raco_scalars(stats, names: Sequence[str]) -> dict[str, float]:
     """TensorBoard scalars of one :class:`~raco_ds.deepspeed.RacoStepStats`, tagged by objective name."""
     out: dict[str, float] = {TAGS["clip_active"]: float(stats.clip_active), TAGS["skipped"]: float(stats.skipped)}
+    for i in stats.nonfinite_objectives:
+        out[TAGS["nonfinite"].format(objective=names[i])] = 1.0
     k = len(names)
     for i, a in enumerate(names):
         out[TAGS["grad_norm"].format(objective=a)] = float(stats.grad_norms[i])
