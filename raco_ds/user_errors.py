@@ -14,18 +14,23 @@ import errno
 
 from raco_ds.data.records import DataError
 from raco_ds.diskspace import DiskFullError
+from raco_ds.onepass import OnePassMismatchError
 from raco_ds.preemption import OutputDirLockError
+from raco_ds.step_stats import NonFiniteGradientError
 from raco_ds.trainer.checkpoint import CheckpointError
 from raco_ds.trainer.config import ConfigError
 from raco_ds.trainer.export import ExportError
+from raco_ds.trainer.loop import TooManySkippedSteps
 
 __all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "user_error_line"]
 
 EXIT_USER_ERROR = 2
 """Exit status of a run stopped by a user error (argparse's convention for bad usage)."""
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, ExportError, OutputDirLockError, OSError)
-"""The exception types that are user errors (every ``OSError``: a path, a permission, the disk)."""
+USER_ERRORS = (ConfigError, CheckpointError, DataError, ExportError, OutputDirLockError, OSError,
+               NonFiniteGradientError, TooManySkippedSteps, OnePassMismatchError)  # fmt: skip
+"""The exception types that are user errors (every ``OSError``: a path, a permission, the disk; a
+diverged run; one-pass capture forced on a model it cannot capture exactly)."""
 
 _PATH_FIXES = {
     errno.EACCES: "give this user write access to it, or pass another --output-dir",
