@@ -94,6 +94,10 @@ class ModelSpec:
     """Decoder layers."""
     seq: int = 64
     """Tokens per row (prompt 8 + response)."""
+    heads: int = 4
+    """Attention heads."""
+    kv_heads: int = 2
+    """Key/value heads (grouped-query attention when fewer than ``heads``)."""
     seed: int = 0
     """Initial weights (identical on every rank)."""
 
@@ -104,8 +108,8 @@ class ModelSpec:
         from raco_ds.tiny_models import tiny_config
 
         config = tiny_config(
-            "llama", vocab_size=self.vocab, hidden_size=self.hidden, num_layers=self.layers,
-            intermediate_size=3 * self.hidden, max_position_embeddings=self.seq, tie_word_embeddings=False,
+            "llama", vocab_size=self.vocab, hidden_size=self.hidden, num_layers=self.layers, num_heads=self.heads,
+            num_kv_heads=self.kv_heads, intermediate_size=3 * self.hidden, max_position_embeddings=self.seq, tie_word_embeddings=False,
         )  # fmt: skip
         config._attn_implementation = "sdpa"
         torch.manual_seed(self.seed)
