@@ -15,6 +15,10 @@ Options: ``--config run.yaml``, short ones (``--objectives helpful,harmless
 --weights 0.3,0.7 --aggregator raco --c 0.4 --beta 0.2 --loss dpo --max-steps N
 --output-dir DIR --resume``) and every config field as a dotted option
 (``--optimisation.lr 1e-5``); ``--help`` lists them all with their docs.
+``--resume strict`` stops on a damaged newest checkpoint instead of passing over it.
+
+A user error (option, config, data, path, permission, full disk, damaged
+checkpoint) prints one ``error:`` line and exits 2; ``--debug`` adds its traceback.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from multirank import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launchers" / "train.py"
+FAULT_INJECT = REPO / "tests" / "fault_inject.py"
 
 
 def _env() -> dict[str, str]:
@@ -24,6 +25,14 @@ def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python launchers/train.py ARGS`` as one process (a world of one)."""
     return subprocess.run(
         [sys.executable, str(TRAIN), "--logging.progress_bar", "false", *args],
+        check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def run_with_fault(spec: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python launchers/train.py ARGS`` with one fault injected (tests/fault_inject.py SPEC)."""
+    return subprocess.run(
+        [sys.executable, str(FAULT_INJECT), spec, "--", "--logging.progress_bar", "false", *args],
         check=False, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from raco_ds.diskspace import DiskFullError, disk_full_error, is_disk_full
-from raco_ds.trainer.integrity import MANIFEST_NAME, build_manifest, find_damage, manifest_bytes
+from raco_ds.trainer.integrity import MANIFEST_NAME, build_manifest, find_damage, manifest_bytes, manifest_text
 
 __all__ = [
     "COMPLETE",
@@ -212,7 +212,10 @@ def _prune(root: Path, newest: int, keep_last: int) -> None:
     """
     older = [folder for step, folder in _sealed_steps(root) if step < newest]
     for folder in older[: max(0, len(older) - (keep_last - 1))]:
-        shutil.rmtree(folder, ignore_errors=True)
+        # Renamed first, so that a crash mid-delete never leaves half a folder under a valid name.
+        aside = root / f".old-{folder.name}"
+        os.rename(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def save_checkpoint(engine, root: str | Path, state: TrainerState, hook=None, keep_last: int = 0) -> Path:
@@ -253,7 +256,7 @@ def save_checkpoint(engine, root: str | Path, state: TrainerState, hook=None, ke
     # 2. Seal: the manifest (hashed by all ranks), written atomically, then one rename and `latest`.
     manifest = build_manifest(tmp)
     if rank == 0:
-        _write_atomic(tmp / COMPLETE, json.dumps({"step": state.step, **manifest}, indent=1) + "\n")
+        _write_atomic(tmp / COMPLETE, manifest_text({"step": state.step, **manifest}))
         if final.exists():  # re-saving a step: keep the old one until the new one has its name
             shutil.rmtree(aside, ignore_errors=True)
             os.rename(final, aside)

@@ -103,7 +103,8 @@ def export_hf(module: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path |
             shutil.rmtree(tmp, ignore_errors=True)
             needed = sum(t.numel() * t.element_size() for t in state_dict.values())
             if is_disk_full(err, out_dir.parent, needed):
-                raise disk_full_error(out_dir.parent, needed, f"the export {out_dir.name}", then="rerun with --resume") from err
+                what = f"the export {out_dir.name}"
+                raise disk_full_error(out_dir.parent, needed, what, then="rerun with --resume") from err
             raise
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)

@@ -1,7 +1,8 @@
 """What is checked before anything in a checkpoint folder is loaded: its manifest and its pickles.
 
 The manifest (the checkpoint's ``COMPLETE`` file, written last and atomically)
-records the size and sha256 of every other file in the folder. At resume each
+records the size and sha256 of every other file in the folder, and the sha256
+of its own content, so a damaged manifest is told apart from a damaged file. At resume each
 file is checked against it, so a truncated, zeroed, bit-flipped or swapped file
 is reported by its path before DeepSpeed reads a byte of it.
 
@@ -29,7 +30,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEEPSPEED_DATA_CLASSES", "MANIFEST_NAME", "build_manifest", "find_damage", "manifest_bytes"]
+__all__ = [
+    "DEEPSPEED_DATA_CLASSES",
+    "MANIFEST_NAME",
+    "build_manifest",
+    "find_damage",
+    "manifest_bytes",
+    "manifest_text",
+]
 
 MANIFEST_NAME = "COMPLETE"
 """The manifest's file name: its presence means the checkpoint was sealed."""
@@ -77,6 +85,15 @@ def build_manifest(folder: Path) -> dict[str, Any]:
     return {"format": 1, "files": dict(sorted(files.items()))}
 
 
+def _content_sha256(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """The manifest file's text: ``manifest`` plus the sha256 of its own content."""
+    return json.dumps({**manifest, "manifest_sha256": _content_sha256(manifest)}, indent=1) + "\n"
+
+
 def manifest_bytes(folder: Path) -> int:
     """Total size of the files a sealed checkpoint's manifest lists (0 when unreadable)."""
     try:
@@ -89,6 +106,8 @@ def _read(folder: Path) -> dict[str, Any]:
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ValueError("it is not a manifest (no 'files' mapping)")
+    if manifest.pop("manifest_sha256", None) != _content_sha256(manifest):
+        raise ValueError("its content does not match its own checksum")
     return manifest
 
 
@@ -109,8 +128,8 @@ def _unpickles_safely(path: Path) -> str | None:
         with torch.serialization.safe_globals(_allowed_classes()):
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any failure means "do not hand this file to an unpickler"
-        first = str(err).strip().splitlines()
-        reason = next((line for line in first if "Unsupported global" in line), first[0] if first else type(err).__name__)
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
         return f"refused by the safe unpickler ({reason.strip()[:200]})"
     return None
 

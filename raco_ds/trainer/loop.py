@@ -562,7 +562,8 @@ def _logged_step(line: str) -> int | None:
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop lines logged after ``last_step`` (a crashed run may have logged steps it never checkpointed)."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if (n := _logged_step(line)) is not None and n <= last_step]
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= last_step]
         with atomic_file(path) as tmp:  # a crash now must not cost the lines kept
             tmp.write_text("".join(line + "\n" for line in kept))
 
