@@ -140,6 +140,16 @@ def test_keep_last_prunes_old_complete_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
 
 
+def test_keep_last_never_deletes_the_checkpoint_just_sealed(tmp_path):
+    # A resume passed over damaged step 6 and continues from step 2: saving step 3 with keep_last=1
+    # must keep step 3 (the newest verified one) and leave step 6 for this run to replace.
+    for step in (2, 6):
+        ckpt.save_checkpoint(_FakeEngine(), tmp_path, _state(step))
+    path = ckpt.save_checkpoint(_FakeEngine(), tmp_path, _state(3), keep_last=1)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert path.is_dir() and not list(tmp_path.glob(".old-*"))
+
+
 def test_rejects_resume_with_other_objectives(tmp_path):
     with pytest.raises(ckpt.CheckpointError) as err:
         ckpt.check_compatible(_state(3), tmp_path, ["helpful", "harmless", "honest"], 1)
