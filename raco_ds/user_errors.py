@@ -27,10 +27,11 @@ __all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "user_error_line"]
 EXIT_USER_ERROR = 2
 """Exit status of a run stopped by a user error (argparse's convention for bad usage)."""
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, ExportError, OutputDirLockError, OSError,
-               NonFiniteGradientError, TooManySkippedSteps, OnePassMismatchError)  # fmt: skip
-"""The exception types that are user errors (every ``OSError``: a path, a permission, the disk; a
-diverged run; one-pass capture forced on a model it cannot capture exactly)."""
+USER_ERRORS = (ConfigError, CheckpointError, DataError, ExportError, OutputDirLockError, DiskFullError,
+               FileNotFoundError, NonFiniteGradientError, TooManySkippedSteps, OnePassMismatchError)  # fmt: skip
+"""The exception types that are user errors (a full disk, a missing file; a diverged run; one-pass
+capture forced on a model it cannot capture exactly). Any ``OSError`` that names a path (a permission,
+a read-only file system) is one too; one without a path (a refused connection) keeps its traceback."""
 
 _PATH_FIXES = {
     errno.EACCES: "give this user write access to it, or pass another --output-dir",
@@ -46,9 +47,10 @@ _PATH_FIXES = {
 
 def user_error_line(error: BaseException) -> str | None:
     """The ``error: ...`` line for a user error, or None when ``error`` is a bug (keep its traceback)."""
-    if not isinstance(error, USER_ERRORS):
+    names_a_path = isinstance(error, OSError) and error.filename is not None
+    if not (isinstance(error, USER_ERRORS) or names_a_path):
         return None
-    if isinstance(error, OSError) and not isinstance(error, DiskFullError) and error.filename is not None:
+    if names_a_path:
         fix = _PATH_FIXES.get(error.errno, "check the path and its permissions")
         return f"error: {error.filename}: {error.strerror or error}; {fix}"
     return f"error: {error}"
