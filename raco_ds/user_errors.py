@@ -36,7 +36,7 @@ a read-only file system) is one too; one without a path (a refused connection) k
 _PATH_FIXES = {
     errno.EACCES: "give this user write access to it, or pass another --output-dir",
     errno.EPERM: "give this user write access to it, or pass another --output-dir",
-    errno.EROFS: "it is on a read-only file system; pass an --output-dir on a writable one",
+    errno.EROFS: "pass an --output-dir on a writable file system",
     errno.ENOSPC: "free space on that file system, then rerun (with --resume once the run has a checkpoint)",
     errno.EDQUOT: "free space within your quota there, then rerun (with --resume once the run has a checkpoint)",
     errno.ENOENT: "check the path",
