@@ -251,49 +251,55 @@ class _Results:
 
 def _exactness_body(rank: int, world: int, plan: Plan, results_path: str) -> None:
     """Each EXACT_CASES case, K-pass hook and one-pass capture, against the single-process oracle."""
-    from ds_hook_cases import full_params
-
     from raco_ds.solver import aggregate
 
     device = _device(plan, rank)
     torch.backends.cuda.matmul.allow_tf32 = False  # an fp32 check must not run its matmuls in TF32
     torch.backends.cudnn.allow_tf32 = False
-    results, spec, weights = _Results(results_path, rank), plan.exact_model, list(EXACT_WEIGHTS)
+    results, spec = _Results(results_path, rank), plan.exact_model
     oracles: dict[str, torch.Tensor] = {}
     for precision, stage, shape in EXACT_CASES:
         if shape not in oracles:
             oracles[shape] = _oracle_gradients(spec, shape, plan.exact_pairs, world, device)
         grads = oracles[shape]
         gram = grads @ grads.T
-        coefficients = aggregate("raco", gram.cpu(), torch.tensor(weights, dtype=torch.float64), 0.4).coefficients
-        expected_update = -EXACT_LR * (coefficients.to(grads) @ grads).cpu()
+        weights = torch.tensor(EXACT_WEIGHTS, dtype=torch.float64)
+        coefficients = aggregate("raco", gram.cpu(), weights, 0.4).coefficients
+        expected = {"gram": gram, "coefficients": coefficients,
+                    "update": -EXACT_LR * (coefficients.to(grads) @ grads).cpu()}  # fmt: skip
         for mode in ("raco", "raco_onepass"):
             case = {"kind": "exactness", "world": world, "precision": precision, "stage": stage, "shape": shape,
                     "k": EXACT_K, "mode": mode, "tolerance": TOLERANCES[precision]}  # fmt: skip
-            engine = None
             try:
                 data = _on(_rank_pairs(shape, EXACT_K, plan.exact_pairs, spec, rank), device)
-                engine = _engine(spec, device, stage, data.input_ids.shape[0], precision, exactness=True)
-                steps = _RecordingSteps(engine, data, weights)
-                if mode == "raco_onepass" and (reason := steps.onepass_reason()) is not None:
-                    results.emit({**case, "error": f"one-pass unsupported here: {reason}"})
-                    continue
-                before = full_params(engine)
-                getattr(steps, mode)()
-                update = full_params(engine) - before
-                stats = steps.last_stats
-                errors = {
-                    "gram_rel": _relative(stats.gram, gram),
-                    "coef_abs": float((stats.coefficients - coefficients).abs().max()),
-                    "update_rel": _relative(update, expected_update),
-                }
-                results.emit({**case, **errors, "ok": max(errors.values()) <= TOLERANCES[precision]})
+                results.emit({**case, **_exact_step(spec, device, stage, precision, mode, data, expected)})
             except Exception as error:  # recorded; the next case runs
                 results.emit({**case, "error": _error_text(error)})
-            finally:
-                if engine is not None:
-                    destroy_engine(engine)
-                _empty_cache(device)
+            _empty_cache(device)
+
+
+def _exact_step(spec: ModelSpec, device: torch.device, stage: int, precision: str, mode: str, data: PairData,
+                expected: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One RACO step of ``mode`` on a fresh engine; its errors against the oracle's ``expected``."""
+    from ds_hook_cases import full_params
+
+    engine = _engine(spec, device, stage, data.input_ids.shape[0], precision, exactness=True)
+    try:
+        steps = _RecordingSteps(engine, data, list(EXACT_WEIGHTS))
+        if mode == "raco_onepass" and (reason := steps.onepass_reason()) is not None:
+            return {"error": f"one-pass unsupported here: {reason}"}
+        before = full_params(engine)
+        getattr(steps, mode)()
+        update = full_params(engine) - before
+        stats = steps.last_stats
+        errors = {
+            "gram_rel": _relative(stats.gram, expected["gram"]),
+            "coef_abs": float((stats.coefficients - expected["coefficients"]).abs().max()),
+            "update_rel": _relative(update, expected["update"]),
+        }
+        return {**errors, "ok": max(errors.values()) <= TOLERANCES[precision]}
+    finally:
+        destroy_engine(engine)
 
 
 def _oracle_gradients(spec: ModelSpec, shape: str, pairs: int, world: int, device: torch.device) -> torch.Tensor:
@@ -351,45 +357,50 @@ def _time_gram_methods(shards: torch.Tensor, case: dict[str, Any], results: _Res
 
 
 def _steps_body(rank: int, world: int, plan: Plan, results_path: str) -> None:
-    """Per (ZeRO stage, K): linear vs K-pass RACO vs one-pass RACO, interleaved; MFU and peak memory."""
-    device, results, spec = _device(plan, rank), _Results(results_path, rank), plan.model
-    peak_tflops = plan.peak_tflops or _peak_tflops(device)
+    """Per (K, ZeRO stage): linear vs K-pass RACO vs one-pass RACO, interleaved; MFU and peak memory."""
+    device, results = _device(plan, rank), _Results(results_path, rank)
     for k in plan.ks:
         for stage in plan.stages:
             case: dict[str, Any] = {"kind": "steps", "stage": stage, "k": k, "precision": "bf16"}
-            engine = None
             try:
-                data = _on(_rank_pairs("objective", k, plan.pairs, spec, rank), device)
-                rows = data.input_ids.shape[0]
-                engine = _engine(spec, device, stage, rows, "bf16", exactness=False, checkpointing=True,
-                                 overlap_comm=device.type == "cuda")  # fmt: skip
-                steps = Steps(engine, data, [1.0 / k] * k)
-                modes = {"linear": steps.linear, "raco": steps.raco, "raco_onepass": steps.raco_onepass}
-                if (reason := steps.onepass_reason()) is not None:
-                    del modes["raco_onepass"]
-                    case["onepass_skipped"] = reason
-                case.update(rows=rows, tokens=rows * spec.seq, model_tflop=_model_flops(spec, rows) / 1e12)
-                peaks, errors = {}, {}
-                for name in list(modes):  # warm-up; a mode that fails here is left out of the timing
-                    try:
-                        _reset_peak(device)
-                        modes[name]()
-                        _sync(device)
-                        peaks[name] = _peak_gib(device)
-                    except Exception as error:
-                        errors[name] = _error_text(error)
-                        del modes[name]
-                samples = interleave({n: _synced(fn, device) for n, fn in modes.items()}, plan.reps, warmup=0)
-                med = {name: medians(s) for name, s in samples.items()}
-                results.emit({**case, "peak_gib": peaks, "errors": errors, "modes": {
-                    name: _mode_summary(m, med.get("linear"), case["model_tflop"], peak_tflops) for name, m in med.items()
-                }})  # fmt: skip
+                results.emit({**case, **_time_modes(plan, device, stage, k, rank)})
             except Exception as error:
                 results.emit({**case, "error": _error_text(error)})
-            finally:
-                if engine is not None:
-                    destroy_engine(engine)
-                _empty_cache(device)
+            # After the case's engine and hooks are gone (its locals): a 1B model's K shard rows are GiBs.
+            _empty_cache(device)
+
+
+def _time_modes(plan: Plan, device: torch.device, stage: int, k: int, rank: int) -> dict[str, Any]:
+    """One engine: each mode's warm-up (peak memory), then the modes interleaved; medians, ratios, MFU."""
+    spec = plan.model
+    data = _on(_rank_pairs("objective", k, plan.pairs, spec, rank), device)
+    rows = data.input_ids.shape[0]
+    engine = _engine(spec, device, stage, rows, "bf16", exactness=False, checkpointing=True,
+                     overlap_comm=device.type == "cuda")  # fmt: skip
+    try:
+        steps = Steps(engine, data, [1.0 / k] * k)
+        modes = {"linear": steps.linear, "raco": steps.raco, "raco_onepass": steps.raco_onepass}
+        out: dict[str, Any] = {"rows": rows, "tokens": rows * spec.seq, "model_tflop": _model_flops(spec, rows) / 1e12}
+        if (reason := steps.onepass_reason()) is not None:
+            del modes["raco_onepass"]
+            out["onepass_skipped"] = reason
+        peaks, errors = {}, {}
+        for name in list(modes):  # warm-up; a mode that fails here is left out of the timing
+            try:
+                _reset_peak(device)
+                modes[name]()
+                _sync(device)
+                peaks[name] = _peak_gib(device)
+            except Exception as error:
+                errors[name] = _error_text(error)
+                del modes[name]
+        samples = interleave({n: _synced(fn, device) for n, fn in modes.items()}, plan.reps, warmup=0)
+        med = {name: medians(s) for name, s in samples.items()}
+        peak_tflops = plan.peak_tflops or _peak_tflops(device)
+        summaries = {name: _mode_summary(m, med.get("linear"), out["model_tflop"], peak_tflops) for name, m in med.items()}
+        return {**out, "peak_gib": peaks, "errors": errors, "modes": summaries}
+    finally:
+        destroy_engine(engine)
 
 
 def _mode_summary(m: dict[str, float], linear: dict[str, float] | None, model_tflop: float,
