@@ -276,7 +276,7 @@ def test_read_only_output_folder_is_one_error_line(tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert str(folder / "run") in line
-        assert ("read-only file system" in line) if mounted else ("write access" in line)
+        assert ("Read-only file system" in line) if mounted else ("write access" in line)
         assert "--output-dir" in line
     finally:
         if mounted:
