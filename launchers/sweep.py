@@ -2,6 +2,11 @@
 
     # 3 aggregators x 5 weights of the tiny preset (single-process CPU runs)
     python launchers/sweep.py --output-dir outputs/pareto-tiny -- --preset tiny --max-steps 12
+    # HelpSteer helpfulness vs conciseness, 2 seeds, generation judged by length; the fronts and the
+    # steering statistic use helpfulness accuracy on disagreeing pairs and the negated response length
+    python launchers/sweep.py --output-dir outputs/hs --objectives helpfulness,concise --seeds 0,1 \\
+        --generate --metrics accuracy_disagree/helpfulness,-gen/length_tokens -- --data helpsteer
+    # train now, evaluate later (or in a second process while the first trains): --no-eval / --eval-only
     # K = 3 simplex grid with step 0.5, two aggregators, each point on 2 DeepSpeed ranks
     python launchers/sweep.py --objectives a,b,c --grid-step 0.5 --aggregators raco,linear \\
         --train-command "deepspeed --num_gpus 2 launchers/train.py" -- --data my_k3.jsonl
@@ -9,6 +14,12 @@
 Everything after ``--`` goes unchanged to every training run (launchers/train.py options). Run
 the same command again to resume: finished points are skipped, crashed ones retrained.
 Exit status 1 when a point failed (its log is named in the output).
+
+Per aggregator it reports, with 95% bootstrap intervals (items resampled by prompt group, shared
+by all models; seeds resampled per weight vector): the per-weight means, the front's
+hypervolume, the steering statistic (Spearman of w_k against objective k's metric) and the
+training-curve roughness; results.json has every point's metrics and pareto.png the fronts with
+error bars and one steering panel per objective (raco_ds.pareto.statistics).
 """
 
 from __future__ import annotations

@@ -268,8 +268,19 @@ def test_end_to_end_tiny_sweep(tmp_path):
         ],
         timeout_s=600,
     )
-    result = run_sweep(cfg)
+    from raco_ds.evaluation.generation import GenerationConfig
+    from raco_ds.pareto.evaluate import GenerationEval, HeldOutEvaluator
+
+    generation = GenerationEval(num_prompts=4, config=GenerationConfig(max_new_tokens=8))
+    result = run_sweep(cfg, HeldOutEvaluator(generation=generation))
     assert not result.failed, [o.point.name for o in result.failed]
+    for outcome in result.outcomes:  # judged generations and per-item values for the bootstrap
+        assert 0 < outcome.metrics["gen/length_tokens"] <= 8
+        assert len(outcome.items["gen/length_tokens"]["values"]) == 4
+        assert len(outcome.items["accuracy/helpful"]["values"]) == 16
+        assert (outcome.point.folder(cfg.output_dir) / "generations.jsonl").read_text().count("\n") == 4
+    hv = result.summary["raco"]["hypervolume"]  # (steering over 2 weights may tie: NaN, so check the volume)
+    assert hv["low"] <= hv["value"] <= hv["high"]
     for outcome in result.outcomes:
         m = outcome.metrics
         for name in ("helpful", "harmless"):
