@@ -64,7 +64,7 @@ def test_zoo_outcomes_are_complete(results: dict[str, zoo.ZooResult]) -> None:
     print("\none-pass zoo:", counts)
     assert counts[zoo.EXACT] >= len(EXACT_TODAY) - sum(a not in results for a in EXACT_TODAY)
     crashed = [r for r in results.values() if r.outcome == zoo.STOPPED and "not a one-pass error" in r.detail]
-    # Known: an in-place op on a hooked module's output (CTRL's and XLM's `x *= sqrt(d)`) trips autograd's view
+    # Known: an in-place op on a hooked module's output (CTRL's `x *= sqrt(d)`, XLM's `tensor *= mask`) trips autograd's view
     # check in the capture's tap (tests/test_onepass_traps.py::test_in_place_op_on_a_module_output_is_exact).
     unexpected = [r for r in crashed if "is a view and is being modified inplace" not in r.detail]
     assert not unexpected, "the capture crashed with an unclear error:\n" + _table(unexpected)
