@@ -268,7 +268,8 @@ def _saved_bytes(model: nn.Module, data, labels, capture: bool) -> int:
             total += t.untyped_storage().nbytes()
         return t
 
-    cap = OnePassCapture(model, labels.shape[0]) if capture else None
+    # The pass's own memory: the one-time self-check's passes (measured elsewhere) would add theirs.
+    cap = OnePassCapture(model, labels.shape[0], verify=False) if capture else None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if capture:
             with cap.record():

@@ -69,6 +69,9 @@ class DeepSpeedOnePass:
             of full-size gradients).
         max_in_flight: reductions that may run asynchronously while the backward goes on (on NCCL
             they overlap its compute); each costs one bucket's staging. 0: every reduction waits.
+        verify, verify_every: :class:`OnePassCapture`'s self-check against autograd, at the first
+            :meth:`forward` and every ``verify_every`` steps; each parameter's worst error over all
+            ranks decides, so every rank raises :class:`OnePassMismatchError` together or none does.
 
     Per optimizer step::
 
@@ -99,7 +102,8 @@ class DeepSpeedOnePass:
     """
 
     def __init__(self, engine, num_objectives: int, shard_layout=None, *, shard_buffer: ShardRowsLike | None = None,
-                 bucket_numel: int = _BUCKET_NUMEL, max_in_flight: int = _MAX_IN_FLIGHT) -> None:
+                 bucket_numel: int = _BUCKET_NUMEL, max_in_flight: int = _MAX_IN_FLIGHT, verify: bool = True,
+                 verify_every: int = 0) -> None:
         reason = onepass_unsupported_reason(engine)
         if reason is not None:
             raise ValueError(f"one-pass capture cannot run on this engine: {reason}")
@@ -110,7 +114,8 @@ class DeepSpeedOnePass:
             shard_layout = make_strategy(engine, EngineLayout.from_engine(engine)).layout
         self.engine = engine
         self.layout = shard_layout
-        self.capture = OnePassCapture(engine.module, num_objectives)
+        self.capture = OnePassCapture(engine.module, num_objectives, verify=verify, verify_every=verify_every)
+        self.capture.agree = self._agree
         self.scatter: ShardScatter = make_shard_scatter(engine, self.capture, shard_layout, bucket_numel=bucket_numel,
                                                           max_in_flight=max_in_flight)
         self.scatter.target_factory = self._new_target
@@ -134,22 +139,20 @@ class DeepSpeedOnePass:
         """The model's forward (``engine.module``), to be called inside :meth:`record`."""
         return self.engine.module(*args, **kwargs)
 
-    def self_check(self, row_scores, *, seed: int = 0) -> SelfCheck:
-        """:meth:`OnePassCapture.self_check` on every rank's own batch, with the worst error of each parameter
-        over all ranks, so that every rank reaches the same verdict (call it on every rank, between steps).
-
-        ``row_scores`` runs :meth:`forward` on the rank's micro-batch and returns its (R,) row scores.
-        Raise on a failure with ``result.raise_if_failed()``.
-        """
-        result = self.capture.self_check(row_scores, seed=seed)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            group = getattr(self.engine, "seq_data_parallel_group", None)
-            device = "cpu" if dist.get_backend(group) == "gloo" else torch.device(self.layout.device)
-            errors = torch.nan_to_num(result.errors, nan=math.inf).to(device)
-            flag = torch.tensor([float(result.inconclusive)], dtype=torch.float64, device=device)
-            packed = torch.cat([errors, flag])
-            dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-            result.errors, result.inconclusive = packed[:-1].cpu(), bool(packed[-1] > 0)
+    def _agree(self, result: SelfCheck) -> SelfCheck:
+        """Each parameter's worst self-check error over all ranks, so every rank reaches the same verdict."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return result
+        group = getattr(self.engine, "seq_data_parallel_group", None)
+        device = "cpu" if dist.get_backend(group) == "gloo" else torch.device(self.layout.device)
+        errors = torch.nan_to_num(result.errors, nan=math.inf).to(device)
+        flags = torch.tensor([float(result.inconclusive), float(result.error is not None)], dtype=torch.float64,
+                             device=device)  # fmt: skip
+        packed = torch.cat([errors, flags])
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
+        result.errors, result.inconclusive = packed[:-2].cpu(), bool(packed[-2] > 0)
+        if packed[-1] > 0 and result.error is None:
+            result.error = "another rank's capture pass failed on its batch (see that rank's log)"
         return result
 
     def _new_target(self) -> tuple[ShardRowsLike, bool]:

@@ -185,7 +185,13 @@ Rule = Callable[[nn.Module, str, torch.Tensor, torch.Tensor, DeviceCoefficients,
 
 def _affine(x: torch.Tensor, g: torch.Tensor, name: str, dc: DeviceCoefficients, wanted: frozenset[str], weight_is_out_in: bool) -> dict[str, torch.Tensor]:
     # nn.Linear stores W as (Dout, Din); transformers' Conv1D (GPT-2) as (Din, Dout).
+    if x.dim() < 2 or g.dim() < 2:  # an unbatched vector: its one dim is features, never rows
+        raise RuntimeError(
+            f"one-pass capture: module {name} was called on an unbatched input of shape {tuple(x.shape)}; every "
+            "captured module must see the batch rows as dim 0"
+        )
     _rows_first(name, x, dc)
+    _rows_first(name, g, dc)
     out: dict[str, torch.Tensor] = {}
     if "weight" in wanted:
         out["weight"] = _outer_by_group(g, x, dc) if weight_is_out_in else _outer_by_group(x, g, dc)

@@ -84,11 +84,11 @@ class OnePassStep:
     """All K gradients from one forward + one backward per micro-batch (raco_ds.onepass).
 
     Built only where the engine supports it and every trainable module has a
-    covering rule (construction raises UnsupportedModuleError otherwise). Before
-    its first step, and every ``raco.verify_every`` steps, the capture is checked
-    against autograd on the step's first micro-batch; on a mismatch (or an error
-    inside the check) under ``raco.capture=auto`` it logs why, removes its hooks
-    and the run continues with :class:`KPassStep` from this very step;
+    covering rule (construction raises UnsupportedModuleError otherwise). The
+    capture checks itself against autograd when its first step's forward starts
+    (and every ``raco.verify_every`` steps); on a mismatch under
+    ``raco.capture=auto`` this logs why, removes the capture's hooks, and the run
+    continues with :class:`KPassStep` from this very step, on the same data;
     ``raco.capture=onepass`` raises instead.
     """
 
@@ -97,92 +97,68 @@ class OnePassStep:
     def __init__(self, run) -> None:
         from raco_ds.onepass import DeepSpeedOnePass
 
-        self.adapter = DeepSpeedOnePass(run.engine, len(run.names), run.hook.shard_layout)
-        self.rows: list | None = None  # the hook's K shard rows, bound once the first check passed
-        self.steps = 0
-        self.check_seconds = 0.0
-        self.failure = ""  # why the self-check failed, once it has
+        raco = run.cfg.raco
+        self.adapter = DeepSpeedOnePass(run.engine, len(run.names), run.hook.shard_layout,
+                                        verify=raco.verify_onepass, verify_every=raco.verify_every)  # fmt: skip
+        self.rows: list | None = None  # the hook's K shard rows, bound at the first step
+        self._logged_check = None
 
     def step(self, run, record) -> Any:
         """Run one optimizer step's passes and ``hook.step()``; fills ``record``; returns the hook's stats.
 
         Falls back to K passes (``run.capture`` becomes a :class:`KPassStep`) when the self-check fails.
         """
+        from raco_ds.onepass import OnePassMismatchError
+
+        positions = [stream.state_dict() for stream in run.streams]  # a fallback replays the step's data
+        try:
+            return self._step(run, record)
+        except OnePassMismatchError as err:
+            if run.cfg.raco.capture == "onepass":
+                raise OnePassMismatchError(f"raco.capture='onepass': {err}; use --capture auto or k_pass") from None
+            for stream, position in zip(run.streams, positions):
+                stream.load_state_dict(position)
+            logger.warning("capture: K passes per step from here on (%s)", err)
+            self.adapter.remove()
+            run.hook.release_capture_rows()
+            run.capture = KPassStep()
+            return run.capture.step(run, record)  # the check runs before anything is recorded
+
+    def _step(self, run, record) -> Any:
         from raco_ds.onepass import coefficients_from_losses
 
         k_total, gas, hook = len(run.names), run.cfg.optimisation.gradient_accumulation_steps, run.hook
         step_started = time.perf_counter()
-        positions = [stream.state_dict() for stream in run.streams]  # a fallback replays the step's data
-        batches = [run.collator([item for stream in run.streams for item in stream.next_items()]).to(run.device)
-                   for _ in range(gas)]  # fmt: skip
-        if self._check_due(run.cfg.raco) and not self._passes_check(run, batches[0]):
-            for stream, position in zip(run.streams, positions):
-                stream.load_state_dict(position)
-            return self._fall_back(run, record)
         if self.rows is None:
             # Bound to the hook's rows (the last one DeepSpeed's own buffer where possible), the K
             # shards are reduced straight into them during the backward.
             self.rows = hook.capture_rows()
-            self.adapter.zero(shard_buffer=self.rows)
-        self.steps += 1
         reduced_before = self.adapter.scatter.seconds
-        self.adapter.zero()
-        for batch in batches:
+        self.adapter.zero(shard_buffer=self.rows)
+        for _ in range(gas):
             # Per-objective data: every objective's next micro-batch in one forward (labels of a pair
             # are 0 for the objectives it does not belong to, so each loss averages its own pairs).
-            record.tokens += int(batch.attention_mask.sum())
+            items = [item for stream in run.streams for item in stream.next_items()]
+            batch = run.collator(items).to(run.device)
             with self.adapter.record(rows=batch.input_ids.shape[0]):
-                out, logps = run.losses_from_logits(batch, self._logits(batch))
+                logits = self.adapter.forward(  # checks the capture first when a check is due
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                ).logits
+                out, logps = run.losses_from_logits(batch, logits)
                 coefficients = coefficients_from_losses(logps, out.losses)  # (K, 2B) = dL_k / dlogp_r
                 self.adapter.backward(logps.sum(), coefficients)
+            record.tokens += int(batch.attention_mask.sum())
             record.add(out, range(k_total))
         self.adapter.scatter_into(self.rows)  # a finaliser: the reduction ran inside backward()
         hook.mark_captured()
         record.scatter_seconds = self.adapter.scatter.seconds - reduced_before
         record.passes_seconds = time.perf_counter() - step_started - record.scatter_seconds
+        check = self.adapter.capture.last_check
+        if check is not None and check is not self._logged_check:
+            self._logged_check = check
+            logger.info("capture: one-pass self-check on the step's first micro-batch: %s (%.1fs)", check.describe(),
+                        check.seconds)  # fmt: skip
         return hook.step(before_engine_step=self.adapter.finish_engine_backward)
-
-    def _logits(self, batch):
-        return self.adapter.forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    use_cache=False).logits  # fmt: skip
-
-    def _check_due(self, raco) -> bool:
-        if not raco.verify_onepass:
-            return False
-        return self.steps == 0 or bool(raco.verify_every and self.steps % raco.verify_every == 0)
-
-    def _passes_check(self, run, batch) -> bool:
-        """Run the self-check on ``batch`` (every rank); True when it passed or could not decide."""
-        from raco_ds.onepass import OnePassMismatchError
-
-        def row_scores():
-            return run.losses_from_logits(batch, self._logits(batch))[1]
-
-        try:
-            result = self.adapter.self_check(row_scores, seed=run.cfg.optimisation.seed + self.steps)
-        except (RuntimeError, ValueError) as err:  # a rule refused something only a real batch shows
-            self.failure = f"one-pass capture failed on the first batch: {err}"
-        else:
-            self.check_seconds += result.seconds
-            if result.inconclusive:
-                logger.warning("capture: one-pass self-check inconclusive (non-finite gradient); checking again next step")
-                return True
-            if result.passed:
-                logger.info("capture: one-pass self-check passed on %d rows in %.1fs (%s)",
-                            batch.input_ids.shape[0], result.seconds, result.describe())  # fmt: skip
-                return True
-            self.failure = result.describe()
-        if run.cfg.raco.capture == "onepass":
-            raise OnePassMismatchError(f"raco.capture='onepass': {self.failure}; use --capture auto or k_pass")
-        return False
-
-    def _fall_back(self, run, record) -> Any:
-        logger.warning("capture: K passes per step from step %d on (%s)", self.steps + 1, self.failure)
-        self.adapter.remove()
-        if self.rows is not None:
-            run.hook.release_capture_rows()
-        run.capture = KPassStep()
-        return run.capture.step(run, record)
 
 
 def choose_capture(run) -> KPassStep | OnePassStep:
