@@ -137,7 +137,10 @@ class _Tap(torch.autograd.Function):
     def forward(ctx, anchor: torch.Tensor, site: _Site, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.site = site
         ctx.save_for_backward(x)  # recomputed under checkpointing, freed with the graph otherwise
-        return out.view_as(out)
+        # A view of a custom Function's input may not be modified in place (CTRL and XLM scale their
+        # embeddings with *=), so the output is a copy; the logits stay a view: their copy would
+        # double the largest activation, and nothing modifies them in place.
+        return out.view_as(out) if site.module is site.owner.output_module else out.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -304,11 +307,13 @@ class OnePassCapture:
             x = args[0]
             if self._rows is None and x.dim() > 0 and x.shape[0] > 1:
                 self._rows = x.shape[0]
-            broadcast_row = x.dim() > 0 and x.shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1
+            broadcast_row = x.dim() > 0 and x.shape[0] == 1 and output.dim() >= 3 and output.shape[0] == 1
             if broadcast_row and self._rows is not None and self._rows > 1:
-                # A row-broadcast input (e.g. GPT-2's learned positions, shape (1, T)): its output is
-                # summed over rows later by broadcasting, which would merge the rows' gradients.
-                # Expanding it here gives the tap each row's own output gradient (a view, no copy).
+                # A row-broadcast input (e.g. GPT-2's learned positions, shape (1, T)): its (1, T, D)
+                # output is summed over rows later by broadcasting, which would merge the rows'
+                # gradients. Expanding it here gives the tap each row's own output gradient (a view, no
+                # copy). A lower-rank output such as (1, D) broadcasts against (R, T, D) as (1, 1, D):
+                # expanding its leading 1 would be wrong, so it is left alone and the rule refuses it.
                 x = x.expand(self._rows, *x.shape[1:])
                 output = output.expand(self._rows, *output.shape[1:])
             anchor = self._anchor if self._anchor.device == output.device else self._anchor_on(output.device)
@@ -337,11 +342,21 @@ class OnePassCapture:
             raise RuntimeError("one-pass capture: record() is not re-entrant")
         if self._failed is not None:
             raise OnePassMismatchError("one-pass capture self-check failed: " + self._failed.describe())
+        self._check_trainable_unchanged()
         self._enter_pass(rows)
         try:
             yield self
         finally:
             self._exit_pass()
+
+    def _check_trainable_unchanged(self) -> None:
+        """Raise when parameters were frozen or unfrozen after construction (their rules and buffers are fixed)."""
+        changed = [n for n, p in self.model.named_parameters() if p.requires_grad != (id(p) in self._index)]
+        if changed:
+            raise RuntimeError(
+                f"one-pass capture: parameters {changed[:6]}{' ...' if len(changed) > 6 else ''} were frozen or "
+                "unfrozen after the capture was built; freeze the model first, then build the capture"
+            )
 
     def _enter_pass(self, rows: int | None) -> None:
         self._rows = rows
