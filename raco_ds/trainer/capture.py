@@ -118,7 +118,8 @@ class OnePassStep:
                 raise OnePassMismatchError(f"raco.capture='onepass': {err}; use --capture auto or k_pass") from None
             for stream, position in zip(run.streams, positions):
                 stream.load_state_dict(position)
-            logger.warning("capture: K passes per step from here on (%s)", err)
+            if run.rank == 0:  # every rank reached the same verdict (the check is agreed across ranks)
+                logger.warning("capture: K passes per step from here on (%s)", err)
             self.adapter.remove()
             run.hook.release_capture_rows()
             run.capture = KPassStep()
@@ -176,5 +177,6 @@ def choose_capture(run) -> KPassStep | OnePassStep:
             reason = str(err)
     if wanted == "onepass":
         raise ConfigError(f"raco.capture='onepass' cannot run here: {reason}; use --capture auto or k_pass")
-    logger.warning("capture: K passes per step (one-pass capture unavailable: %s)", reason)
+    if run.rank == 0:
+        logger.warning("capture: K passes per step (one-pass capture unavailable: %s)", reason)
     return KPassStep()
