@@ -13,13 +13,13 @@ import pytest
 import onepass_zoo as zoo
 
 EXACT_TODAY = (
-    "arcee", "bitnet", "bloom", "codegen", "cwm", "electra", "ernie4_5", "exaone", "exaone4", "fuyu", "gemma",
+    "arcee", "bitnet", "bloom", "codegen", "ctrl", "cwm", "electra", "ernie4_5", "exaone", "exaone4", "fuyu", "gemma",
     "gemma2", "gemma3_text", "gemma4_text", "gemma4_unified_text", "glm", "glm4", "gpt-sw3", "gpt2", "gpt_bigcode",
     "gpt_neo", "gpt_neox", "gptj", "granite", "helium", "hrm_text", "hunyuan_v1_dense", "hyperclovax", "internlm3",
     "iquestcoder", "jais2", "lfm2", "llama", "marian", "ministral", "ministral3", "mistral", "mllama",
     "modernbert-decoder", "moshi", "mpt", "nanochat", "olmo", "olmo2", "olmo3", "openai-gpt", "pegasus",
     "persimmon", "phi", "phi3", "qwen2", "qwen3", "rembert", "seed_oss", "smollm3", "stablelm", "starcoder2",
-    "vaultgemma", "xglm",
+    "vaultgemma", "xglm", "xlm",
 )  # fmt: skip
 """Every type exact with transformers 5.25 (benchmarks/onepass_zoo.py); a type this transformers lacks is skipped."""
 
