@@ -502,3 +502,31 @@ def test_streaming_keeps_only_parameters_in_flight() -> None:
     largest = k * 4 * max(p.numel() for p in model.parameters())
     assert held[False] == full  # the non-streaming capture holds K full gradients
     assert held[True] <= 2 * largest < full / 4, (held, full, largest)
+
+
+def test_a_nan_row_makes_only_the_objectives_scoring_it_nan() -> None:
+    """NaN logits in one row (objective 0's): objective 0's gradient is NaN (the hook skips the step and names
+    it), objective 1's equals its own K-pass gradient, as when each objective runs its own forward."""
+    model, data = tiny_model("llama"), batch(2)  # rows 0, 2: objective 0's pair; rows 1, 3: objective 1's
+    owner = torch.tensor([0, 1, 0, 1])
+
+    def poison_row_0(module, args, output):
+        return output.index_fill(0, torch.tensor([0]), float("nan"))
+
+    def losses_of(logps: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return torch.stack([logps[rows == k].mean() for k in range(2)])
+
+    own = {key: value[owner == 1] for key, value in data.items()}  # objective 1 alone: no NaN row
+    params = [(n, p) for n, p in model.named_parameters()]
+    clean = torch.autograd.grad(row_logps(model, own).mean(), [p for _, p in params])
+    handle = model.get_input_embeddings().register_forward_hook(poison_row_0)
+    cap = OnePassCapture(model, 2, verify=False)  # the check's own batch would be NaN too (inconclusive)
+    with cap.record():
+        logps = row_logps(model, data)
+        cap.backward(logps.sum(), coefficients_from_losses(logps, losses_of(logps, owner)))
+    handle.remove()
+    assert cap.nonfinite_objectives == [0]
+    got = cap.gradients()
+    for (name, _), reference in zip(params, clean):
+        assert torch.isnan(got[name][0]).all(), name
+        assert torch.allclose(got[name][1], reference, rtol=1e-4, atol=1e-7), name

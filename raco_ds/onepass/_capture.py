@@ -145,6 +145,11 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (x,) = ctx.saved_tensors
+        owner = ctx.site.owner
+        if ctx.site.module is owner.output_module:
+            owner._find_nonfinite_rows(grad)
+        if owner._dropped_rows is not None:  # NaN rows contribute to no objective, here and upstream
+            x, grad = _without_rows(x, owner._dropped_rows), _without_rows(grad, owner._dropped_rows)
         ctx.site.capture(x, grad)
         return None, None, None, grad
 
@@ -260,6 +265,7 @@ class OnePassCapture:
         self._requires_grad_saved: list[bool] | None = None
         self._rows: int | None = None
         self._nonfinite: set[int] = set()
+        self._dropped_rows: torch.Tensor | None = None  # (R,) rows found non-finite in this backward
         self._names = {id(p): n for n, p in self.parameters}
         self._index = {id(p): i for i, (_, p) in enumerate(self.parameters)}
         # Streaming state: the sink, and per record() / per backward the contribution counts.
@@ -451,6 +457,7 @@ class OnePassCapture:
         finally:
             self._in_backward = False
             self._coefficients = None
+            self._dropped_rows = None
         if self._sink is not None:
             # Not completed in the backward: unused this pass (or used only under no_grad outside a
             # checkpoint). Registration order, so every rank hands the sink the same sequence.
@@ -459,6 +466,26 @@ class OnePassCapture:
                     self._sink.on_final(p, index, self.take(p))
             self._final = set()
             self._sink.end_backward()
+
+    def _find_nonfinite_rows(self, grad: torch.Tensor) -> None:
+        """Mark the objectives that score a non-finite row of the output layer's gradient, and drop those rows.
+
+        A NaN row (NaN logits, a NaN loss term) would otherwise reach every objective through
+        products with a zero coefficient (0 * NaN), here and in every module below, whose local
+        derivatives at NaN activations are NaN too. K separate passes make exactly the
+        objectives that score the row non-finite; so does this, by zeroing the row's input and
+        output gradient at every hooked module of this backward. One reduction over the
+        output layer's gradient; nothing more unless a row is bad.
+        """
+        rc = self._coefficients
+        if rc is None or grad.dim() < 1 or grad.shape[0] != rc.num_rows:
+            return
+        bad = ~torch.isfinite(grad.reshape(grad.shape[0], -1).sum(dim=1, dtype=torch.float32))
+        if not bool(bad.any()):
+            return
+        scoring = (rc.matrix[:, bad.cpu()] != 0).any(dim=1)
+        self._nonfinite.update(int(k) for k in torch.nonzero(scoring).flatten())
+        self._dropped_rows = bad
 
     @property
     def nonfinite_objectives(self) -> list[int]:
@@ -717,3 +744,10 @@ def _autograd_gradients(seed: torch.Tensor, params: list[nn.Parameter]) -> list[
     finally:
         for p, grad in zip(params, saved):
             p.grad = grad
+
+
+def _without_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``t`` with the rows (dim 0) marked in ``rows`` zeroed; unchanged when its dim 0 is not the rows."""
+    if t.dim() < 1 or t.shape[0] != rows.shape[0]:
+        return t
+    return t.masked_fill(rows.to(t.device).view(-1, *([1] * (t.dim() - 1))), 0)
