@@ -25,8 +25,8 @@ from raco_ds.trainer.config import (
 def test_defaults_are_the_readme_main_job():
     cfg = parse_args([])
     assert cfg.model.name_or_path == "smollm2-135m"
-    assert cfg.data.dataset == "pku_saferlhf"
-    assert cfg.objectives.names == ["helpful", "harmless"]
+    assert cfg.data.dataset == "helpsteer"
+    assert cfg.objectives.names == ["helpfulness", "concise"] and cfg.objectives.weights == [0.3, 0.7]
     assert cfg.raco.aggregator == "raco" and cfg.raco.c == 0.4 and cfg.loss.beta == 0.2
 
 

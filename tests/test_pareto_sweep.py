@@ -71,6 +71,7 @@ def fake(tmp_path):
             "weights": [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]],
             "train_command": [sys.executable, str(script)],
             "train_args": ["--preset", "tiny"],
+            "objectives": ["helpful", "harmless"],
         }
         options.update(overrides)
         return SweepConfig(**options)
@@ -261,6 +262,7 @@ def test_end_to_end_tiny_sweep(tmp_path):
     cfg = SweepConfig(
         output_dir=str(tmp_path / "sweep"),
         aggregators=["raco"],
+        objectives=["helpful", "harmless"],
         weights=[[0.0, 1.0], [1.0, 0.0]],
         train_args=[
             "--preset", "tiny", "--ds_config", "ds_configs/zero1.json", "--max-steps", "2",

@@ -44,6 +44,7 @@ from raco_ds.pareto.grid import DEFAULT_STEP, Weights, format_weights, simplex_g
 from raco_ds.pareto.metrics import non_dominated
 from raco_ds.pareto.plot import plot_sweep
 from raco_ds.pareto.statistics import MetricSpec, RunData, curve_roughness, sweep_statistics
+from raco_ds.trainer.config import ObjectivesConfig
 
 __all__ = [
     "DONE_MARKER",
@@ -91,8 +92,9 @@ class SweepConfig:
     """Sweep folder (see the module docstring). Re-running with the same folder resumes the sweep."""
     aggregators: list[str] = field(default_factory=lambda: ["raco", "linear", "cagrad"])
     """Aggregators to compare, one front each (raco_ds.solver names)."""
-    objectives: list[str] = field(default_factory=lambda: ["helpful", "harmless"])
-    """Objective names, in weight order (passed as --objectives)."""
+    objectives: list[str] = field(default_factory=lambda: list(ObjectivesConfig().names))
+    """Objective names, in weight order (passed as --objectives); default: the trainer's default
+    objectives. Name the ones the training data has (e.g. helpful,harmless with --preset tiny)."""
     weights: list[list[float]] | None = None
     """Explicit weight vectors; None: the simplex grid with spacing grid_step."""
     grid_step: float = DEFAULT_STEP

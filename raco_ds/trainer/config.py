@@ -4,7 +4,9 @@ One :class:`TrainConfig` describes a run. It is built in three layers, each
 overriding the one before:
 
 1. the defaults below (the README's main job: SmolLM2-135M-Instruct on the
-   bundled PKU-SafeRLHF sample, RACO over helpful/harmless), or a ``--preset``;
+   bundled HelpSteer sample, RACO over helpfulness/concise with weights 0.3/0.7,
+   a budget chosen so the held-out table moves beyond its confidence intervals
+   on a 2-core CPU), or a ``--preset``;
 2. a YAML or JSON file (``--config run.yaml``), sections named like the
    dataclass fields (``optimisation: {lr: 1e-5}``);
 3. command-line overrides: dotted (``--optimisation.lr 1e-5`` or
@@ -89,7 +91,7 @@ class ModelConfig:
     fp32; GPUs want bf16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward to save memory (slower; for long sequences on GPU)."""
-    trainable_last_blocks: int = 2
+    trainable_last_blocks: int = 4
     """Train only the last N transformer blocks (plus the final norm if train_final_norm); -1 trains
     every parameter. Freezing the bottom of the network also stops the backward there, which is
     what lets the CPU main job finish in minutes. On GPUs set -1."""
@@ -103,19 +105,19 @@ class ModelConfig:
 class DataConfig:
     """Which preference data, how it is tokenised, and the held-out split."""
 
-    dataset: str = "pku_saferlhf"
+    dataset: str = "helpsteer"
     """A raco_ds.data preset ("pku_saferlhf": shared pairs; "hh_rlhf": per-objective pairs;
     "helpsteer") or a path to a JSON-lines file in TRL preference format."""
     data_dir: str | None = None
     """Folder holding the preset's files under their bundled names (e.g. a full PKU-SafeRLHF export
     as pku_saferlhf_sample.jsonl). None: the bundled samples (data/)."""
-    max_length: int = 128
+    max_length: int = 192
     """Tokens per row (prompt + response); longer rows are truncated."""
     max_prompt_length: int = 64
     """Prompt tokens kept (from the end of the prompt) before the response."""
     num_train_pairs: int | None = 96
     """Use at most this many training pairs (None: all but the held-out pairs)."""
-    num_eval_pairs: int = 48
+    num_eval_pairs: int = 64
     """Held-out pairs for evaluation, split off the data before training by whole prompts (a prompt's
     pairs, and pairs sharing a response with them, are all held out or all train)."""
     split_seed: int = 0
@@ -132,9 +134,9 @@ class DataConfig:
 class ObjectivesConfig:
     """The preference objectives and the user's weights over them."""
 
-    names: list[str] = field(default_factory=lambda: ["helpful", "harmless"])
+    names: list[str] = field(default_factory=lambda: ["helpfulness", "concise"])
     """Objective names, as the dataset preset knows them (K = len(names))."""
-    weights: list[float] = field(default_factory=lambda: [0.5, 0.5])
+    weights: list[float] = field(default_factory=lambda: [0.3, 0.7])
     """User weights w on the simplex, one per objective; normalised to sum to 1."""
 
 
@@ -184,7 +186,7 @@ class OptimisationConfig:
     """Pairs per micro-batch per rank (fills DeepSpeed's train_micro_batch_size_per_gpu)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per objective per optimizer step (fills DeepSpeed's gradient_accumulation_steps)."""
-    lr: float = 5e-5
+    lr: float = 1.5e-4
     """Peak learning rate (fills the DeepSpeed optimizer's and scheduler's "auto" lr)."""
     warmup_steps: int = 0
     """With N > 0: DeepSpeed's WarmupDecayLR warms up linearly from 0 over N steps (its first step
@@ -308,12 +310,15 @@ class TrainConfig:
 # Presets and short aliases.
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The embedded defaults are the README main job; "main" names them explicitly.
+    # The embedded defaults are the README main job; "main" names them explicitly. Measured on 2 CPU
+    # ranks (README): 12 steps of 8 pairs move held-out concise accuracy to 0.74 [0.58, 0.90].
     "main": {},
     # About a minute on 2 CPU cores: a tiny random Llama, the real bundled PKU-SafeRLHF pairs.
     "tiny": {
         "model": {"name_or_path": "tiny", "trainable_last_blocks": -1},
-        "data": {"max_length": 64, "max_prompt_length": 32, "num_train_pairs": 64, "num_eval_pairs": 16},
+        "data": {"dataset": "pku_saferlhf", "max_length": 64, "max_prompt_length": 32, "num_train_pairs": 64,
+                 "num_eval_pairs": 16},
+        "objectives": {"names": ["helpful", "harmless"], "weights": [0.5, 0.5]},
         "optimisation": {"max_steps": 8, "micro_batch_size": 4, "lr": 1e-3},
         "logging": {"eval_every": 4, "eval_batch_size": 8},
         "checkpointing": {"output_dir": "outputs/tiny"},
