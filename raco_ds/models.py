@@ -9,8 +9,11 @@ Short names (no network, cached under ``$RACO_DS_CACHE`` or ``~/.cache/raco_ds``
     A randomly initialised (seed 0) ~0.1M-parameter model with a locally
     trained tokenizer (see :mod:`raco_ds.tiny_models`), for tests and smoke runs.
 
-Anything else goes to ``AutoModelForCausalLM.from_pretrained`` unchanged (a
-local folder, or a hub name resolved by the user's HF setup).
+A PEFT adapter folder (``adapter_config.json``, e.g. a LoRA run's
+``export_adapter/``) loads as its base model with the adapter merged in
+(:func:`raco_ds.lora.load_merged`). Anything else goes to
+``AutoModelForCausalLM.from_pretrained`` unchanged (a local folder, or a hub
+name resolved by the user's HF setup).
 
 Attention: ``flash_attention_2`` when the ``flash_attn`` package imports, a
 CUDA device is present and the dtype is bf16 (its only supported case here),
@@ -115,14 +118,19 @@ def load_model(
     """Load a causal LM (see the module docstring for short names and the attention choice)."""
     from transformers import AutoModelForCausalLM
 
+    from raco_ds.lora import is_adapter_folder, load_merged
+
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path),
-        dtype=DTYPES[dtype],
-        trust_remote_code=trust_remote_code,
-        attn_implementation=choose_attn_implementation(dtype, attn_implementation),
-    )
+    if is_adapter_folder(name_or_path):
+        model = load_merged(name_or_path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(name_or_path),
+            dtype=DTYPES[dtype],
+            trust_remote_code=trust_remote_code,
+            attn_implementation=choose_attn_implementation(dtype, attn_implementation),
+        )
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False

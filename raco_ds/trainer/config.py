@@ -55,6 +55,7 @@ __all__ = [
     "DataConfig",
     "DebugConfig",
     "LoggingConfig",
+    "LoraAdapterConfig",
     "LossConfig",
     "ModelConfig",
     "ObjectivesConfig",
@@ -79,6 +80,28 @@ class ConfigError(ValueError):
 
 
 @dataclass(kw_only=True)
+class LoraAdapterConfig:
+    """LoRA adapters through the peft library (r > 0): only the adapters train; the frozen base is the reference."""
+
+    r: int = 0
+    """Adapter rank; 0 disables LoRA (then model.trainable_last_blocks decides what trains). With r > 0 every
+    base weight is frozen and adapters go on the linear layers of the last model.trainable_last_blocks blocks
+    (-1: all blocks); train_final_norm and train_embeddings do not apply."""
+    alpha: float = 16.0
+    """Scaling numerator: the adapter's output is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (replayed exactly by one-pass capture's self-check)."""
+    target_modules: list[str] | None = None
+    """Names (last component, e.g. q_proj,v_proj) of the block linear layers that get adapters. None: every
+    linear layer of the blocks (attention and MLP; never the embeddings or the LM head)."""
+    use_rslora: bool = False
+    """Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."""
+    use_dora: bool = False
+    """DoRA (weight-decomposed LoRA). One-pass capture has no rule for its magnitude vectors and refuses them
+    by name, so raco.capture=auto runs K passes."""
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     """Which model to train and which of its parameters move."""
 
@@ -96,9 +119,11 @@ class ModelConfig:
     every parameter. Freezing the bottom of the network also stops the backward there, which is
     what lets the CPU main job finish in minutes. On GPUs set -1."""
     train_final_norm: bool = True
-    """Also train the final normalisation layer when trainable_last_blocks >= 0."""
+    """Also train the final normalisation layer when trainable_last_blocks >= 0 (without LoRA)."""
     train_embeddings: bool = False
     """Also train the input embeddings (and a tied LM head) when trainable_last_blocks >= 0."""
+    lora: LoraAdapterConfig = field(default_factory=LoraAdapterConfig)
+    """LoRA adapters (--model.lora.r 16 turns them on)."""
 
 
 @dataclass(kw_only=True)
@@ -240,7 +265,8 @@ class CheckpointConfig:
     damaged newer one (a file that no longer matches the checkpoint's manifest) is reported and passed
     over. "strict" (--resume strict) stops with an error instead of passing over a damaged one."""
     export: bool = True
-    """Write the final model as a HF folder with safetensors to <output_dir>/export."""
+    """Write the final model as a HF folder with safetensors to <output_dir>/export (with LoRA: the merged model,
+    and the adapter alone as a PEFT folder in <output_dir>/export_adapter)."""
 
 
 @dataclass(kw_only=True)
@@ -439,6 +465,31 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"model.trainable_last_blocks must be -1 (all) or >= 0, got {cfg.model.trainable_last_blocks}"
         )
+    _validate_lora(cfg.model)
+
+
+def _validate_lora(model: ModelConfig) -> None:
+    lora = model.lora
+    if lora.r < 0:
+        raise ConfigError(f"model.lora.r must be >= 0 (0 disables LoRA), got {lora.r}")
+    if lora.r == 0:
+        chosen = [name for name, value in (("target_modules", lora.target_modules), ("use_rslora", lora.use_rslora),
+                                           ("use_dora", lora.use_dora)) if value]  # fmt: skip
+        if chosen:
+            raise ConfigError(f"model.lora.{chosen[0]} is set but LoRA is off; pass --model.lora.r (e.g. 16)")
+        return
+    if not math.isfinite(lora.alpha) or lora.alpha <= 0:
+        raise ConfigError(f"model.lora.alpha must be a positive number, got {lora.alpha}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+    if lora.target_modules is not None and not lora.target_modules:
+        raise ConfigError("model.lora.target_modules is empty; name layers (e.g. q_proj,v_proj) or null for all")
+    if model.trainable_last_blocks == 0:
+        raise ConfigError("model.lora.r > 0 with model.trainable_last_blocks=0 puts adapters on no block; "
+                          "use -1 (all blocks) or N >= 1")
+    if model.train_embeddings:
+        raise ConfigError("model.train_embeddings does not apply with LoRA (only adapters train); "
+                          "set --model.train_embeddings false or --model.lora.r 0")
 
 
 # ---------------------------------------------------------------------------

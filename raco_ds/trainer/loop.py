@@ -169,22 +169,29 @@ def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     return max(lists, key=len)
 
 
+def last_blocks(model: torch.nn.Module, count: int) -> list[torch.nn.Module]:
+    """The last ``count`` transformer blocks (-1: all), as model.trainable_last_blocks selects them."""
+    blocks = list(_blocks(model))
+    if count > len(blocks):
+        raise ConfigError(
+            f"model.trainable_last_blocks={count} but the model has {len(blocks)} blocks; "
+            f"use at most {len(blocks)} or -1 for all parameters"
+        )
+    return blocks if count < 0 else blocks[len(blocks) - count :]
+
+
 def freeze_bottom(model: torch.nn.Module, cfg: TrainConfig) -> tuple[int, int]:
     """Apply model.trainable_last_blocks / train_final_norm / train_embeddings; (trainable, total) params.
 
     Freezing the bottom of the network also ends the backward at the first
-    trainable block: nothing below it needs an activation gradient.
+    trainable block: nothing below it needs an activation gradient. With LoRA
+    (model.lora.r > 0, ``model`` from raco_ds.lora.add_lora) peft has already
+    frozen everything but the adapters, which sit on those same blocks.
     """
     mc = cfg.model
-    if mc.trainable_last_blocks >= 0:
+    if mc.trainable_last_blocks >= 0 and not mc.lora.r:
         model.requires_grad_(False)
-        blocks = _blocks(model)
-        if mc.trainable_last_blocks > len(blocks):
-            raise ConfigError(
-                f"model.trainable_last_blocks={mc.trainable_last_blocks} but the model has {len(blocks)} blocks; "
-                f"use at most {len(blocks)} or -1 for all parameters"
-            )
-        for block in list(blocks)[len(blocks) - mc.trainable_last_blocks :]:
+        for block in last_blocks(model, mc.trainable_last_blocks):
             block.requires_grad_(True)
         if mc.train_final_norm:
             inner = getattr(model, "base_model", model)
@@ -313,6 +320,11 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, out: P
     model = load_model(
         cfg.model.name_or_path, dtype=cfg.model.dtype, gradient_checkpointing=cfg.model.gradient_checkpointing
     )
+    if cfg.model.lora.r:
+        from raco_ds.lora import add_lora
+
+        blocks = last_blocks(model, cfg.model.trainable_last_blocks)
+        model = add_lora(model, cfg.model.lora, blocks, base_name=cfg.model.name_or_path)
     trainable, total = freeze_bottom(model, cfg)
     dataset, collator, split, streams = build_data(cfg, tokenizer, rank, world)
 
@@ -332,9 +344,15 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, out: P
     opt = cfg.optimisation
     per_step = opt.micro_batch_size * opt.gradient_accumulation_steps * world
     shape = "shared pairs (one forward for all objectives)" if dataset.shared else "per-objective pairs (K passes)"
+    last = cfg.model.trainable_last_blocks
+    if cfg.model.lora.r:
+        from raco_ds.lora import describe_lora
+
+        trained = f"{describe_lora(model)} of {'all blocks' if last < 0 else f'the last {last} blocks'}"
+    else:
+        trained = "all" if last < 0 else f"last {last} blocks{' + final norm' if cfg.model.train_final_norm else ''}"
     logger.info("model %s: %.2fM parameters, %.2fM trainable (%s)", cfg.model.name_or_path, total / 1e6,
-                trainable / 1e6, "all" if cfg.model.trainable_last_blocks < 0 else
-                f"last {cfg.model.trainable_last_blocks} blocks{' + final norm' if cfg.model.train_final_norm else ''}")  # fmt: skip
+                trainable / 1e6, trained)  # fmt: skip
     logger.info("data %s: %d pairs, %s; %s", cfg.data.dataset, len(dataset), shape, split.describe())
     logger.info("batch: %d pairs/micro-batch/rank x %d micro-batches/objective x %d ranks = %d pairs per objective "
                 "per step; %d steps", opt.micro_batch_size, opt.gradient_accumulation_steps, world, per_step,
@@ -356,6 +374,7 @@ def _reference(run: _Run, resumed: bool):
     Called before a resumed run loads its checkpoint, so a missing or damaged file is
     recomputed from the same initial weights instead of ending the run.
     """
+    from raco_ds.lora import adapters_disabled
     from raco_ds.losses import get_loss
     from raco_ds.models import model_identity
     from raco_ds.trainer.eval import score_pairs
@@ -381,7 +400,8 @@ def _reference(run: _Run, resumed: bool):
     if cached is not None:
         return cached
     started = time.perf_counter()
-    scores = score_pairs(run.engine, run.dataset, indices, run.cfg.logging.eval_batch_size, run.collator)
+    with adapters_disabled(run.engine):  # with LoRA the reference is the base model (the initial one: B = 0)
+        scores = score_pairs(run.engine, run.dataset, indices, run.cfg.logging.eval_batch_size, run.collator)
     logger.info("reference log-probs of %d pairs in %.1fs (the initial model is the reference)",
                 len(indices), time.perf_counter() - started)  # fmt: skip
     if run.rank == 0:
@@ -733,10 +753,13 @@ def train(cfg: TrainConfig, stopper=None) -> RunResult:
         if cc.save_final and not (cc.save_every and step % cc.save_every == 0):
             _save(run, ckpt_root, step, tokens_seen)
         if cc.export:
-            from raco_ds.trainer.export import export_hf
+            from raco_ds.trainer.export import export_hf, export_lora
 
             result.export_dir = out / "export"
-            export_hf(engine.module, run.tokenizer, result.export_dir)
+            if cfg.model.lora.r:  # the merged model in export/, the adapter alone in export_adapter/
+                export_lora(engine.module, run.tokenizer, out / "export_adapter", result.export_dir, cfg.model.dtype)
+            else:
+                export_hf(engine.module, run.tokenizer, result.export_dir)
         writer.close()
         result.seconds = time.perf_counter() - t_start
         if rank == 0:
