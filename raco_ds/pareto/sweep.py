@@ -45,6 +45,7 @@ from raco_ds.pareto.metrics import non_dominated
 from raco_ds.pareto.plot import plot_sweep
 from raco_ds.pareto.statistics import MetricSpec, RunData, curve_roughness, sweep_statistics
 from raco_ds.trainer.config import ObjectivesConfig
+from raco_ds.trainer.reference_cache import REFERENCE_FILE
 
 __all__ = [
     "DONE_MARKER",
@@ -66,8 +67,6 @@ DONE_MARKER = "DONE.json"
 """Name of the per-point completion marker (written atomically after a successful training run)."""
 EVAL_FILE = "eval.json"
 """Name of the per-point evaluation result."""
-REFERENCE_FILE = "reference_logps.pt"
-"""The trainer's file of the initial model's log-probs (raco_ds.trainer.loop), shared between points."""
 
 # Options the sweep sets per point: passing them in train_args would silently fight the sweep.
 _RESERVED = {
