@@ -31,10 +31,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raco_ds.collectives import collective_device
 from raco_ds.consensus import StepSolution, solve_across_ranks
 
-# The step stats and the non-finite error are shared with the DeepSpeed hook, so that
-# logging and error handling do not depend on the backend (hook.py imports no deepspeed).
+# The step stats and the non-finite error are shared with the DeepSpeed hook (raco_ds.step_stats),
+# so that logging and error handling do not depend on the backend.
 from raco_ds.solver import validate_weights
 from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 from raco_ds.gram import local_gram
@@ -248,12 +249,6 @@ class RacoMegatron:
         subs = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         return any(getattr(sub, "grad_scaler", None) is not None for sub in subs)
 
-    def _collective_device(self, group) -> torch.device:
-        backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
-        if "nccl" in str(backend).lower():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     def solve(self) -> tuple[StepSolution, dict[str, float]]:
         """Gram of the captured shards, reduced over the grad-stats group(s), and the solve."""
         missing = [k for k, done in enumerate(self._captured) if not done]
@@ -277,13 +272,13 @@ class RacoMegatron:
             # rank solves bit-identical numbers.
             total = torch.zeros_like(grams[0])
             for section, part in zip(sections, grams):
-                part = part.to(self._collective_device(section.group))
+                part = part.to(collective_device(section.group))
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=section.group)
                 total += part.cpu()
             group, gram = None, total / dist.get_world_size()
         solution = solve_across_ranks(
             gram, self.weights, self.aggregator, self.c, group=group,
-            device=self._collective_device(group), verify=self.verify,
+            device=collective_device(group), verify=self.verify,
         )
         timings["allreduce"] = solution.seconds_allreduce
         timings["solve"] = solution.seconds_solve
