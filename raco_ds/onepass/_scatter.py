@@ -210,6 +210,22 @@ class ShardScatter(abc.ABC):
         self._target_fresh = False  # the bound target was zeroed and nothing was added since
         self._delivered: set[int] = set()  # direct-path parameters reduced into the target since bind()
 
+    @classmethod
+    def build(cls, capture: OnePassCapture, partitions: Sequence[FlatPartition], shard_numel: int, *,
+              device: torch.device, bucket_numel: int = _BUCKET_NUMEL, max_in_flight: int = _MAX_IN_FLIGHT) -> ShardScatter:
+        """The scatter that reduces ``capture``'s gradients into a shard of ``shard_numel`` described by ``partitions``.
+
+        Every partitioned parameter must be one the capture tracks (``ValueError`` otherwise).
+        """
+        params, options = cls._placements(partitions, _capture_index(capture, partitions))
+        return cls(capture, shard_numel, params, device=device, bucket_numel=bucket_numel,
+                   max_in_flight=max_in_flight, **options)
+
+    @classmethod
+    @abc.abstractmethod
+    def _placements(cls, partitions: Sequence[FlatPartition], index: dict[int, int]) -> tuple[dict[int, _Param], dict]:
+        """Each parameter's place (keyed by ``id(param)``) and the constructor's process-group options."""
+
     @property
     def num_objectives(self) -> int:
         """K."""
@@ -361,11 +377,7 @@ class PaddedPartitionScatter(ShardScatter):
     """One partition per parameter (ZeRO-3): a bucket is a (world, K, width) staging tensor and one reduce-scatter."""
 
     @classmethod
-    def build(cls, capture: OnePassCapture, partitions: Sequence[FlatPartition], shard_numel: int, *,
-              device: torch.device, bucket_numel: int = _BUCKET_NUMEL,
-              max_in_flight: int = _MAX_IN_FLIGHT) -> PaddedPartitionScatter:
-        """The scatter for ``partitions`` (one parameter each, over one process group) of a shard of ``shard_numel``."""
-        index = _capture_index(capture, partitions)
+    def _placements(cls, partitions: Sequence[FlatPartition], index: dict[int, int]) -> tuple[dict[int, _Param], dict]:
         params = {}
         for part in partitions:
             if len(part.params) != 1:
@@ -374,8 +386,7 @@ class PaddedPartitionScatter(ShardScatter):
             params[id(p)] = _Param(index[id(p)], part.numels[0], partition_numel=part.partition_size,
                                    shard_offset=part.shard_offset)
         group = partitions[0].group if partitions else None
-        return cls(capture, shard_numel, params, group=group, world_size=dist.get_world_size(group),
-                   rank=dist.get_rank(group), device=device, bucket_numel=bucket_numel, max_in_flight=max_in_flight)
+        return params, {"group": group, "world_size": dist.get_world_size(group), "rank": dist.get_rank(group)}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -517,11 +528,7 @@ class FlatPartitionScatter(ShardScatter):
     """One flat partition per parameter group (ZeRO-1/2): per bucket, each owning rank receives its pieces by one ``reduce``."""
 
     @classmethod
-    def build(cls, capture: OnePassCapture, partitions: Sequence[FlatPartition], shard_numel: int, *,
-              device: torch.device, bucket_numel: int = _BUCKET_NUMEL,
-              max_in_flight: int = _MAX_IN_FLIGHT) -> FlatPartitionScatter:
-        """The scatter for ``partitions`` (one per parameter group, in shard order) of a shard of ``shard_numel``."""
-        index = _capture_index(capture, partitions)
+    def _placements(cls, partitions: Sequence[FlatPartition], index: dict[int, int]) -> tuple[dict[int, _Param], dict]:
         params, sizes, bases, groups = {}, [], [], []
         world, rank = 1, 0
         for i, part in enumerate(partitions):
@@ -533,9 +540,8 @@ class FlatPartitionScatter(ShardScatter):
             sizes.append(part.partition_size)
             bases.append(part.shard_offset)
             groups.append(part.group)
-        return cls(capture, shard_numel, params, group=groups[0] if groups else None, world_size=world, rank=rank,
-                   device=device, bucket_numel=bucket_numel, max_in_flight=max_in_flight, partition_sizes=sizes,
-                   group_bases=bases, groups=groups)
+        return params, {"group": groups[0] if groups else None, "world_size": world, "rank": rank,
+                        "partition_sizes": sizes, "group_bases": bases, "groups": groups}
 
     def __init__(self, *args, partition_sizes: list[int], group_bases: list[int], groups: list, **kwargs) -> None:
         super().__init__(*args, **kwargs)  # params: _Param.group indexes partition_sizes / group_bases / groups
