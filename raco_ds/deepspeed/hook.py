@@ -74,7 +74,7 @@ from raco_ds.deepspeed.layout import EngineLayout
 from raco_ds.deepspeed.onepass import DeepSpeedOnePass
 from raco_ds.deepspeed.rows import ShardRows
 from raco_ds.deepspeed.shards import ShardLayout, ShardStrategy, make_strategy, onepass_unsupported_reason
-from raco_ds.solver import validate_weights
+from raco_ds.step import StepOptions
 from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 
 __all__ = ["NonFiniteGradientError", "RacoHook", "RacoStepStats"]
@@ -104,19 +104,10 @@ class RacoHook:
         ``on_nonfinite``: "skip" (skip the step everywhere and report) or "raise".
         ``verify_coefficients``: check every step that all ranks computed identical coefficients.
         """
-        self.weights = validate_weights(weights)
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
-        from raco_ds import solver
-
-        if aggregator not in solver.AGGREGATORS:
-            raise ValueError(f"unknown aggregator {aggregator!r}; registered: {sorted(solver.AGGREGATORS)}")
-        if not 0.0 <= float(c) < 1.0:
-            raise ValueError(f"c (the conflict radius) must be in [0, 1), got {c}")
+        options = StepOptions.validated(weights, aggregator, c, on_nonfinite)
+        self.weights, self.aggregator, self.c = options.weights, options.aggregator, options.c
+        self.on_nonfinite = options.on_nonfinite
         self.engine = engine
-        self.aggregator = aggregator
-        self.c = float(c)
-        self.on_nonfinite = on_nonfinite
         self.verify_coefficients = verify_coefficients
         self.engine_layout: EngineLayout = EngineLayout.from_engine(engine)
         self.strategy: ShardStrategy = make_strategy(engine, self.engine_layout)

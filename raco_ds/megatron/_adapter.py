@@ -36,15 +36,12 @@ from raco_ds.consensus import StepSolution, solve_across_ranks
 
 # The step stats and the non-finite error are shared with the DeepSpeed hook (raco_ds.step_stats),
 # so that logging and error handling do not depend on the backend.
-from raco_ds.solver import validate_weights
+from raco_ds.step import StepOptions
 from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 from raco_ds.gram import local_gram
 from raco_ds.megatron._layout import MegatronShardLayout, UnsupportedMegatronSetupError
 
 __all__ = ["MegatronStepStats", "NonFiniteGradientError", "RacoMegatron"]
-
-ON_NONFINITE = ("skip", "raise")
-
 
 @dataclass
 class MegatronStepStats(RacoStepStats):
@@ -106,15 +103,8 @@ class RacoMegatron:
         on_nonfinite: str = "skip",
         verify: bool = True,
     ) -> None:
-        self.weights = validate_weights(weights)
-        if not 0 <= c < 1:
-            raise ValueError(f"c (the conflict radius) must lie in [0, 1), got {c}")
-        from raco_ds.solver import AGGREGATORS
-
-        if aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {sorted(AGGREGATORS)}")
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        options = StepOptions.validated(weights, aggregator, c, on_nonfinite)
+        self.weights = options.weights
         self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         for chunk in self.chunks:
             if not (hasattr(chunk, "zero_grad_buffer") and hasattr(chunk, "buffers") and hasattr(chunk, "no_sync")):
@@ -129,9 +119,7 @@ class RacoMegatron:
                 "megatron.core.optimizer.get_megatron_optimizer(OptimizerConfig(...), model_chunks)"
             )
         self.optimizer = optimizer
-        self.aggregator = aggregator
-        self.c = float(c)
-        self.on_nonfinite = on_nonfinite
+        self.aggregator, self.c, self.on_nonfinite = options.aggregator, options.c, options.on_nonfinite
         self.verify = verify
         self.layout = MegatronShardLayout.from_optimizer(optimizer)
         self._shards: list[torch.Tensor] = [
