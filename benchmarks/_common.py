@@ -357,9 +357,8 @@ class Steps:
     hook: Any = None
     """RacoHook for the per-objective / shared-forward modes (built lazily)."""
     onepass_hook: Any = None
-    """A second RacoHook whose K-row buffer one-pass capture fills (asking a hook for its full
-    buffer makes it keep K rows for good: a separate hook keeps the K-pass mode at K-1 rows)."""
-    onepass: Any = None
+    """A second RacoHook for one-pass capture (``hook.onepass()`` hands the capture the hook's rows
+    for good: a separate hook keeps the K-pass mode's buffers as they are)."""
     clock: Callable[[], float] = time.perf_counter
 
     def __post_init__(self) -> None:
@@ -394,11 +393,12 @@ class Steps:
 
     def onepass_reason(self) -> str | None:
         """None when one-pass capture can run on this engine, else why not."""
-        try:
-            from raco_ds.onepass import onepass_unsupported_reason
-        except ImportError as error:  # raco_ds.onepass not there (yet)
-            return f"raco_ds.onepass not importable: {error}"
-        return onepass_unsupported_reason(self.engine)
+        from raco_ds.deepspeed import EngineLayout, onepass_unsupported_reason
+
+        hook = self.hook or self.onepass_hook
+        if hook is not None:
+            return hook.onepass_unsupported_reason()
+        return onepass_unsupported_reason(EngineLayout.from_engine(self.engine))
 
     def _optimizer(self) -> float:
         seconds, self._seconds_optimizer = self._seconds_optimizer, 0.0
@@ -445,28 +445,21 @@ class Steps:
     def raco_onepass(self) -> dict[str, float]:
         """RACO with one-pass capture: one forward + one backward over all rows, one reduce-scatter per bucket."""
         from raco_ds.deepspeed import RacoHook
-        from raco_ds.onepass import DeepSpeedOnePass, coefficients_from_losses
+        from raco_ds.onepass import coefficients_from_losses
 
-        if self.onepass is None:
+        if self.onepass_hook is None:
             self.onepass_hook = RacoHook(self.engine, self.weights, aggregator="raco", c=0.4)
-            self.onepass_rows = self.onepass_hook.capture_rows()
-            self.onepass = DeepSpeedOnePass(self.engine, self.k, self.onepass_hook.shard_layout,
-                                            shard_buffer=self.onepass_rows)
-        adapter, hook, data, c = self.onepass, self.onepass_hook, self.data, self.clock
+        hook, data, c = self.onepass_hook, self.data, self.clock
         t0 = c()
-        with self.counter.counting("passes"):
-            adapter.zero()
-            with adapter.record(rows=data.input_ids.shape[0]):
-                logps = row_logps(adapter.forward, data)  # engine.module's forward (see DeepSpeedOnePass)
+        with self.counter.counting("scatter"), hook.onepass() as op:  # leaving it: order check, boundary state
+            with self.counter.counting("passes"), op.record(rows=data.input_ids.shape[0]):
+                logps = row_logps(op.forward, data)  # engine.module's forward (see DeepSpeedOnePass)
                 losses = dpo_losses(logps, data)
-                adapter.backward(logps.sum(), coefficients_from_losses(logps, losses))
-        t1 = c()
-        with self.counter.counting("scatter"):
-            adapter.scatter_into(self.onepass_rows)
-            hook.mark_captured()
+                op.backward(logps.sum(), coefficients_from_losses(logps, losses))
+            t1 = c()
         t2 = c()
         with self.counter.counting("hook"):
-            stats = hook.step(before_engine_step=adapter.finish_engine_backward)
+            stats = hook.step()
         return self._with_hook(stats, {"passes": t1 - t0, "scatter": t2 - t1}, c() - t2)
 
     def _with_hook(self, stats: Any, out: dict[str, float], seconds_step: float) -> dict[str, float]:

@@ -237,11 +237,8 @@ def _measure(engine: Any, strategy: Any, data: dict[str, torch.Tensor], shape: s
     from test_onepass import _labels, row_logps
 
     from raco_ds.losses import losses_from_margins, margin_jacobian
-    from raco_ds.onepass import (
-        DeepSpeedOnePass,
-        objective_row_coefficients,
-        shared_pair_coefficients,
-    )
+    from raco_ds.deepspeed.onepass import DeepSpeedOnePass
+    from raco_ds.onepass import objective_row_coefficients, shared_pair_coefficients
 
     device = data["input_ids"].device
     b = data["input_ids"].shape[0] // 2
@@ -279,7 +276,7 @@ def _measure(engine: Any, strategy: Any, data: dict[str, torch.Tensor], shape: s
             strategy.capture(shard[obj])
         strategy.clear()
 
-    adapter = DeepSpeedOnePass(engine, k, strategy.layout, shard_buffer=shard, bucket_numel=args.bucket_numel,
+    adapter = DeepSpeedOnePass(engine, k, strategy, shard_buffer=shard, bucket_numel=args.bucket_numel,
                                max_in_flight=args.max_in_flight)  # fmt: skip
     reduce_s: list[float] = []
 
@@ -405,7 +402,7 @@ def run_captures(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of both modes; unset sizes and --reps take the chosen mode's defaults (see ``_DEFAULT_SIZES``)."""
-    from raco_ds.onepass._zero import _BUCKET_NUMEL, _MAX_IN_FLIGHT
+    from raco_ds.onepass._scatter import _BUCKET_NUMEL, _MAX_IN_FLIGHT
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captures", action="store_true", help="compare weighted / K passes / one pass instead")

@@ -83,10 +83,10 @@ def _one_case(rank: int, world: int, stage: int, kind: str, shape: str, k: int, 
     import test_onepass as t
     from test_onepass import row_logps, tiny_model
 
+    from raco_ds.deepspeed import DeepSpeedOnePass, onepass_unsupported_reason
     from raco_ds.deepspeed.layout import EngineLayout
     from raco_ds.deepspeed.shards import make_strategy
     from raco_ds.losses import losses_from_margins
-    from raco_ds.onepass import DeepSpeedOnePass, onepass_unsupported_reason
 
     # --- single-process oracle: mean over ranks of each rank's K gradients (full tensors) ----
     ref_model = tiny_model(kind, checkpointing=ckpt)
@@ -116,8 +116,8 @@ def _one_case(rank: int, world: int, stage: int, kind: str, shape: str, k: int, 
     strategy.clear()
 
     # --- one pass ---------------------------------------------------------------------------
-    assert onepass_unsupported_reason(engine) is None
-    adapter = DeepSpeedOnePass(engine, k, layout)
+    assert onepass_unsupported_reason(strategy.engine_layout) is None
+    adapter = DeepSpeedOnePass(engine, k, strategy)
     onepass = torch.zeros(k, layout.numel)
     # engine.module, not engine: DeepSpeed's forward registers output hooks that run its own backward
     # epilogue (a reduction of gradients that, here, nobody produced).
@@ -139,7 +139,7 @@ def _one_case(rank: int, world: int, stage: int, kind: str, shape: str, k: int, 
     # --- write back a combination and step: DeepSpeed's step/LR state stays consistent -------
     a = torch.linspace(0.2, 0.8, k)
     combined = (a.unsqueeze(1) * onepass).sum(0)
-    strategy.write(combined)  # scatter_into already ran finish_engine_backward: the views alias the buffer
+    strategy.write(combined)  # scatter_into already ran finish_external_backward: the views alias the buffer
     engine.set_gradient_accumulation_boundary(True)
     before = engine.global_steps
     engine.step()
@@ -167,12 +167,12 @@ def _fallback_reason(rank: int, world: int) -> str | None:
     import deepspeed
     from test_onepass import tiny_model
 
-    from raco_ds.onepass import onepass_unsupported_reason
+    from raco_ds.deepspeed import EngineLayout, onepass_unsupported_reason
 
     model = tiny_model("llama")
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                       config=_ds_config(0))
-    return onepass_unsupported_reason(engine)
+    return onepass_unsupported_reason(EngineLayout.from_engine(engine))
 
 
 def _body(rank: int, world: int, cases: list, negative: bool) -> list[dict]:
@@ -206,7 +206,26 @@ def test_onepass_shards_match_kpass_and_oracle() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# End to end through RacoHook's capture seam: one-pass vs the hook's own K-pass path.
+# End to end through RacoHook.onepass() (the public path): one-pass vs the hook's own K-pass path.
+
+
+def _onepass_step(op, data: dict, labels: torch.Tensor, shape: str) -> None:
+    """One micro-batch through the hook's one-pass capture (``with hook.onepass() as op``)."""
+    import test_onepass as t
+
+    from raco_ds.losses import losses_from_margins, margin_jacobian
+    from raco_ds.onepass import objective_row_coefficients, shared_pair_coefficients
+
+    k, b = labels.shape
+    with op.record():
+        logps = t.row_logps(op.forward, data)
+        margins = t._margins(logps, b)
+        if shape == "shared":
+            op.backward(margins.sum(), shared_pair_coefficients(margin_jacobian(margins, labels, beta=BETA)))
+        else:
+            owner = (labels != 0).long().argmax(0)
+            losses = losses_from_margins(margins, labels, beta=BETA)
+            op.backward(losses.sum(), objective_row_coefficients(torch.cat([owner, owner]), k))
 
 
 def _hook_config(stage: int, variant: str) -> dict:
@@ -226,7 +245,6 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
 
     from raco_ds.deepspeed.hook import RacoHook
     from raco_ds.losses import losses_from_margins
-    from raco_ds.onepass import DeepSpeedOnePass
 
     weights = [1.0 / k] * k
 
@@ -242,12 +260,11 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
     hook_k = RacoHook(eng_k, weights, aggregator="raco", c=0.4)
     hook_1 = RacoHook(eng_1, weights, aggregator="raco", c=0.4)
     # Bound to the hook's rows (ZeRO-3 fp32: K-1 of its own + DeepSpeed's flat gradient buffer): the
-    # backward streams straight into them, scatter_into only finalises.
-    rows = hook_1.capture_rows()
-    # ZeRO-3 with small buckets: most parameters take the direct path, reduce-scattered in place into
-    # the rows, the last of which is DeepSpeed's own gradient buffer.
-    onepass = DeepSpeedOnePass(eng_1, k, hook_1.shard_layout, shard_buffer=rows,
-                               bucket_numel=256 if stage == 3 else 1 << 20)
+    # backward streams straight into them, leaving hook.onepass() only finalises. ZeRO-3 with small
+    # buckets: most parameters take the direct path, reduce-scattered in place into the rows, the
+    # last of which is DeepSpeed's own gradient buffer.
+    assert hook_1.onepass_unsupported_reason() is None
+    hook_1.attach_onepass(bucket_numel=256 if stage == 3 else 1 << 20)
     try:  # a K-row buffer now would orphan the rows the capture fills: refused where the engine's row is out
         hook_1.shard_buffer
         regrow_refused = False
@@ -266,12 +283,10 @@ def _hook_case(rank: int, world: int, stage: int, shape: str, k: int, variant: s
                     losses = losses_from_margins(t._margins(row_logps(eng_k, data), b), labels, beta=BETA)
                     hook_k.backward(losses[obj])
         stats_k = hook_k.step()
-        # One pass through the seam.
-        onepass.zero()
-        t.onepass_grads(eng_1.module, data, labels, shape, cap=onepass.capture, scale=onepass.scale)
-        onepass.scatter_into(rows)
-        hook_1.mark_captured()
-        stats_1 = hook_1.step(before_engine_step=onepass.finish_engine_backward)
+        # One pass through the hook.
+        with hook_1.onepass() as op:
+            _onepass_step(op, data, labels, shape)
+        stats_1 = hook_1.step()
         coef_diff = max(coef_diff, (stats_1.coefficients - stats_k.coefficients).abs().max().item())
         gram_rel = max(gram_rel, ((stats_1.gram - stats_k.gram).norm() / stats_k.gram.norm()).item())
 
@@ -341,9 +356,9 @@ def _memory_case(rank: int, world: int, stage: int, k: int = 4, bucket_numel: in
     import test_onepass as t
     import transformers as tf
 
+    from raco_ds.deepspeed import DeepSpeedOnePass
     from raco_ds.deepspeed.layout import EngineLayout
     from raco_ds.deepspeed.shards import make_strategy
-    from raco_ds.onepass import DeepSpeedOnePass
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(vocab_size=61, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -352,13 +367,14 @@ def _memory_case(rank: int, world: int, stage: int, k: int = 4, bucket_numel: in
     model = tf.LlamaForCausalLM(cfg).train()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                       config=_ds_config(stage))
-    layout = make_strategy(engine, EngineLayout.from_engine(engine)).layout
+    strategy = make_strategy(engine, EngineLayout.from_engine(engine))
+    layout = strategy.layout
     data, labels = _rank_data(rank, "shared", k)
     numels = [int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters()]
     full_bytes = k * 4 * sum(numels)  # K full fp32 gradients: what the old capture held per rank
 
     # The old path: accumulate every parameter's (K, numel) buffer, reduce-scatter after the backward.
-    legacy = DeepSpeedOnePass(engine, k, layout, bucket_numel=bucket_numel)
+    legacy = DeepSpeedOnePass(engine, k, strategy, bucket_numel=bucket_numel)
     legacy.capture.stream_to(None)
     old_out = torch.zeros(k, layout.numel)
     t.onepass_grads(engine.module, data, labels, "shared", cap=legacy.capture, scale=legacy.scale)
@@ -369,7 +385,7 @@ def _memory_case(rank: int, world: int, stage: int, k: int = 4, bucket_numel: in
 
     # Streaming into a bound buffer.
     new_out = torch.zeros(k, layout.numel)
-    adapter = DeepSpeedOnePass(engine, k, layout, shard_buffer=new_out, bucket_numel=bucket_numel)
+    adapter = DeepSpeedOnePass(engine, k, strategy, shard_buffer=new_out, bucket_numel=bucket_numel)
     adapter.zero()
     with adapter.record():
         logps = t.row_logps(adapter.forward, data)
@@ -394,7 +410,8 @@ def _order_guard_case(rank: int, world: int) -> str:
     import deepspeed
     from test_onepass import tiny_model
 
-    from raco_ds.onepass import CollectiveOrderError, DeepSpeedOnePass
+    from raco_ds.deepspeed import DeepSpeedOnePass
+    from raco_ds.onepass import CollectiveOrderError
 
     model = tiny_model("llama")
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -405,7 +422,7 @@ def _order_guard_case(rank: int, world: int) -> str:
     if rank == 1:
         pick.reverse()
     scatter = adapter.scatter
-    scatter.bind(torch.zeros(2, adapter.layout.numel))
+    scatter.bind(torch.zeros(2, adapter.shard_layout.numel))
     for i in pick:
         scatter.on_final(adapter.capture.parameters[i][1], i, None)
     scatter.end_backward()
@@ -444,7 +461,7 @@ def _bucket_paths_case(rank: int, world: int, stage: int, bucket_numel: int, k: 
     import deepspeed
     import test_onepass as t
 
-    from raco_ds.onepass import DeepSpeedOnePass
+    from raco_ds.deepspeed import DeepSpeedOnePass
 
     oracle = None
     for r in range(world):
@@ -461,14 +478,14 @@ def _bucket_paths_case(rank: int, world: int, stage: int, bucket_numel: int, k: 
     first = adapter.capture.parameters[0][1]
     adapter.scatter.on_final(first, 0, torch.full((k, adapter.capture.numel(first)), 1e3))
     adapter.zero()
-    out = torch.zeros(k, adapter.layout.numel)
+    out = torch.zeros(k, adapter.shard_layout.numel)
     for data, labels in _split(*_rank_data(rank, "shared", k), micro):
         t.onepass_grads(engine.module, data, labels, "shared", cap=adapter.capture, scale=adapter.scale)
     adapter.scatter_into(out)
     adapter.remove()
     return {"stage": stage, "bucket": bucket_numel, "micro": micro, "collectives": adapter.scatter.collectives,
-            "rel": global_rel(out, _expected_shard(oracle, adapter.layout, engine.module, k)),
-            "padding_zero": bool((out[:, adapter.layout.padding_mask()] == 0).all())}
+            "rel": global_rel(out, _expected_shard(oracle, adapter.shard_layout, engine.module, k)),
+            "padding_zero": bool((out[:, adapter.shard_layout.padding_mask()] == 0).all())}
 
 
 def _streaming_body(rank: int, world: int) -> dict:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raco_ds.collectives import collective_device
 from raco_ds.data.batch import PreferenceBatch, PreferenceCollator
 from raco_ds.data.tokenization import PreferenceDataset
 from raco_ds.diskcache import atomic_file, cache_root
@@ -109,20 +110,13 @@ def compute_reference_logps(
         # One rank, or a simulated rank in a test: only this share is filled (NaN elsewhere).
         table[torch.tensor(indices[:real], dtype=torch.long)] = values[:real]
         return table
-    device = _comm_device(group)
+    device = collective_device(group)
     gathered = [torch.zeros_like(values, device=device) for _ in range(world_size)]
     dist.all_gather(gathered, values.to(device), group=group)
     for r, part in enumerate(gathered):
         owned, count = _share(len(dataset), r, world_size)
         table[torch.tensor(owned[:count], dtype=torch.long)] = part[:count].cpu()
     return table
-
-
-def _comm_device(group: Any) -> torch.device:
-    backend = dist.get_backend(group)
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def reference_cache_key(model_identity: str, dataset: PreferenceDataset) -> str:

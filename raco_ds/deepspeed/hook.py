@@ -40,11 +40,21 @@ breaks ZeRO-3's parameter re-gathering (HOOKS.md), so there
 :meth:`RacoHook.backward_shared` takes a callable and runs the forward once per
 objective (logged once). ZeRO 0-2 run one forward and K backwards.
 
-Capture seam: :meth:`RacoHook.capture_rows` (K shard rows, the last one
-DeepSpeed's own buffer where it can be) and :attr:`RacoHook.shard_layout`
-(per-parameter slices, see shards.py) are all a one-pass capture needs; it fills
-every row, calls :meth:`RacoHook.mark_captured`, then
-``hook.step(before_engine_step=...)``.
+One forward and one backward for all K objectives (DESIGN.md section 6, onepass.py),
+once per micro-batch::
+
+    with hook.onepass() as op:
+        for micro_batch in micro_batches:
+            with op.record(rows=R):
+                logits = op.forward(input_ids=..., attention_mask=...).logits
+                op.backward(seed, coefficients)          # (K, R) row coefficients
+    stats = hook.step()
+
+Capture seam (what ``hook.onepass()`` uses, and any other external capture):
+:meth:`RacoHook.capture_rows` (K shard rows, the last one DeepSpeed's own buffer
+where it can be) and :attr:`RacoHook.shard_layout` (per-parameter slices, see
+shards.py); the capture fills every row, calls :meth:`RacoHook.mark_captured`,
+then ``hook.step()``.
 """
 
 from __future__ import annotations
@@ -58,11 +68,13 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from raco_ds.collectives import collective_device
 from raco_ds.consensus import solve_across_ranks
 from raco_ds.deepspeed.layout import EngineLayout
+from raco_ds.deepspeed.onepass import DeepSpeedOnePass
 from raco_ds.deepspeed.rows import ShardRows
-from raco_ds.deepspeed.shards import ShardLayout, ShardStrategy, make_strategy
-from raco_ds.solver import validate_weights
+from raco_ds.deepspeed.shards import ShardLayout, ShardStrategy, make_strategy, onepass_unsupported_reason
+from raco_ds.step import StepOptions
 from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 
 __all__ = ["NonFiniteGradientError", "RacoHook", "RacoStepStats"]
@@ -92,29 +104,22 @@ class RacoHook:
         ``on_nonfinite``: "skip" (skip the step everywhere and report) or "raise".
         ``verify_coefficients``: check every step that all ranks computed identical coefficients.
         """
-        self.weights = validate_weights(weights)
-        if on_nonfinite not in ("skip", "raise"):
-            raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
-        from raco_ds import solver
-
-        if aggregator not in solver.AGGREGATORS:
-            raise ValueError(f"unknown aggregator {aggregator!r}; registered: {sorted(solver.AGGREGATORS)}")
-        if not 0.0 <= float(c) < 1.0:
-            raise ValueError(f"c (the conflict radius) must be in [0, 1), got {c}")
+        options = StepOptions.validated(weights, aggregator, c, on_nonfinite)
+        self.weights, self.aggregator, self.c = options.weights, options.aggregator, options.c
+        self.on_nonfinite = options.on_nonfinite
         self.engine = engine
-        self.aggregator = aggregator
-        self.c = float(c)
-        self.on_nonfinite = on_nonfinite
         self.verify_coefficients = verify_coefficients
-        self.layout: EngineLayout = EngineLayout.from_engine(engine)
-        self.strategy: ShardStrategy = make_strategy(engine, self.layout)
+        self.engine_layout: EngineLayout = EngineLayout.from_engine(engine)
+        self.strategy: ShardStrategy = make_strategy(engine, self.engine_layout)
         self.num_objectives = int(self.weights.numel())
         shard = self.strategy.layout
         # The last objective of a step stays in DeepSpeed's own buffer unless that buffer is bf16.
-        self._rows = ShardRows(self.strategy, self.num_objectives, not self.layout.grads_accumulate_in_low_precision)
+        self._rows = ShardRows(self.strategy, self.num_objectives,
+                               not self.engine_layout.grads_accumulate_in_low_precision)
         self._check_shard_size()
         self._group = getattr(engine, "seq_data_parallel_group", None)
-        self._collective_device = _collective_device(self._group)
+        self._collective_device = collective_device(self._group)
+        self._onepass: DeepSpeedOnePass | None = None
         self._micro_batches = [0] * self.num_objectives
         self._active: int | None = None
         self._active_count = 0
@@ -123,7 +128,7 @@ class RacoHook:
         if _rank() == 0:
             logger.info(
                 "RacoHook: %d objectives, aggregator %s (c=%.3g), %s; shard %d elements/rank, buffers %.1f MiB/rank",
-                self.num_objectives, aggregator, self.c, self.layout.describe(), shard.numel, self.buffer_bytes / 2**20,
+                self.num_objectives, aggregator, self.c, self.engine_layout.describe(), shard.numel, self.buffer_bytes / 2**20,
             )  # fmt: skip
 
     # -- what the one-pass capture plugs into -----------------------------------------------------
@@ -166,7 +171,7 @@ class RacoHook:
     def mark_captured(self) -> None:
         """Declare every row of :meth:`capture_rows` (or :attr:`shard_buffer`) filled by an external capture, ready for step()."""
         self._rows.mark_captured()
-        self._micro_batches = [self.layout.gradient_accumulation_steps] * self.num_objectives
+        self._micro_batches = [self.engine_layout.gradient_accumulation_steps] * self.num_objectives
 
     def discard_step(self) -> None:
         """Drop everything captured so far this step and clear the engine's gradients (no update).
@@ -179,6 +184,62 @@ class RacoHook:
         self.strategy.discard()
         self._micro_batches = [0] * self.num_objectives
         self._seconds_capture = 0.0
+
+    # -- one pass for all objectives (onepass.py) --------------------------------------------------
+    def onepass_unsupported_reason(self) -> str | None:
+        """None when :meth:`onepass` can run on this engine, else why (decided from the engine layout)."""
+        return onepass_unsupported_reason(self.engine_layout)
+
+    def attach_onepass(self, *, verify: bool = True, verify_every: int = 0, **scatter_options) -> DeepSpeedOnePass:
+        """Hook the model for one-pass capture (once; :meth:`onepass` calls it with the defaults if needed).
+
+        Raises ``ValueError`` where the engine has no one-pass scatter
+        (:meth:`onepass_unsupported_reason`) and ``UnsupportedModuleError`` where a trainable
+        parameter has no capture rule. ``verify`` / ``verify_every``: the capture's self-check
+        against autograd (its first step, then every ``verify_every`` steps);
+        ``scatter_options``: ``bucket_numel``, ``max_in_flight`` (see :class:`DeepSpeedOnePass`).
+        """
+        if self._onepass is not None:
+            raise RuntimeError("one-pass capture is already attached to this hook; detach_onepass() first")
+        if self._active is not None or any(self._micro_batches):
+            raise RuntimeError("attach_onepass() in the middle of a step; call hook.step() first")
+        op = DeepSpeedOnePass(self.engine, self.num_objectives, self.strategy, verify=verify,
+                              verify_every=verify_every, **scatter_options)  # fmt: skip
+        # Bound to the hook's rows (the last one DeepSpeed's own buffer where possible), the K shards
+        # are reduced straight into them during the backward.
+        op.zero(shard_buffer=self._rows.capture_rows())
+        self._onepass = op
+        return op
+
+    def detach_onepass(self) -> None:
+        """Remove the one-pass capture's hooks and take its rows back; K-pass capture may follow."""
+        if self._onepass is None:
+            return
+        self._onepass.remove()
+        self._onepass = None
+        self._rows.release_capture_rows()
+
+    @contextlib.contextmanager
+    def onepass(self) -> Iterator[DeepSpeedOnePass]:
+        """One optimizer step's capture from one forward + one backward per micro-batch; then call :meth:`step`.
+
+        Inside, per micro-batch: ``with op.record(rows=R):`` ``op.forward(...)`` and
+        ``op.backward(seed, coefficients)``. Leaving the block finishes the capture (order
+        check, non-finite objectives -> NaN rows, DeepSpeed's boundary state) and marks the
+        rows captured; an exception inside discards the step (:meth:`discard_step`).
+        """
+        if self._active is not None or any(self._micro_batches):
+            raise RuntimeError("hook.onepass() in the middle of a step: call hook.step() (or discard_step()) first")
+        op = self._onepass if self._onepass is not None else self.attach_onepass()
+        op.zero()
+        try:
+            yield op
+            op.finish()
+        except BaseException:
+            op.zero()
+            self.discard_step()
+            raise
+        self.mark_captured()
 
     # -- per-objective passes ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -199,7 +260,7 @@ class RacoHook:
             self._timed(self.strategy.clear)
             raise
         self._active = None
-        m = self.layout.gradient_accumulation_steps
+        m = self.engine_layout.gradient_accumulation_steps
         if self._active_count != m:
             self._timed(self.strategy.clear)
             raise RuntimeError(
@@ -218,7 +279,7 @@ class RacoHook:
             raise RuntimeError(
                 "hook.backward() outside `with hook.objective(k)`; use hook.backward_shared() for shared pairs"
             )
-        m = self.layout.gradient_accumulation_steps
+        m = self.engine_layout.gradient_accumulation_steps
         if self._active_count >= m:
             raise RuntimeError(f"objective {self._active} got more than gradient_accumulation_steps={m} micro-batches")
         self.engine.set_gradient_accumulation_boundary(self._active_count == m - 1)
@@ -237,7 +298,7 @@ class RacoHook:
         """
         if self._active is not None:
             raise RuntimeError("hook.backward_shared() inside `with hook.objective(k)`")
-        m, counts = self.layout.gradient_accumulation_steps, set(self._micro_batches)
+        m, counts = self.engine_layout.gradient_accumulation_steps, set(self._micro_batches)
         if len(counts) != 1 or counts.pop() >= m:
             raise RuntimeError(
                 f"backward_shared needs every objective at the same micro-batch below gradient_accumulation_steps={m}; "
@@ -246,7 +307,7 @@ class RacoHook:
         first = self._micro_batches[0] == 0
         if first and m > 1:
             self._rows.ensure_full()  # later micro-batches need the engine's buffer for every objective
-        if self.layout.stage == 3:
+        if self.engine_layout.stage == 3:
             if not callable(losses):
                 raise ValueError(
                     "under ZeRO-3 backward_shared needs a callable that runs the forward and returns the K losses: "
@@ -289,9 +350,9 @@ class RacoHook:
         """Gram -> all-reduce -> solve -> write sum_k a_k S[k] -> ``engine.step()``; returns the step's stats.
 
         ``before_engine_step`` runs after the write-back and right before ``engine.step()``
-        (one-pass capture uses it to leave DeepSpeed as after a boundary backward).
+        (for an external capture that must adjust DeepSpeed's state there; :meth:`onepass` needs none).
         """
-        m = self.layout.gradient_accumulation_steps
+        m = self.engine_layout.gradient_accumulation_steps
         missing = [k for k, n in enumerate(self._micro_batches) if n != m]
         if missing:
             raise RuntimeError(
@@ -352,14 +413,14 @@ class RacoHook:
     def _check_shard_size(self) -> None:
         # The buffers must hold the rank's shard only (K x shard), never K full gradients (except ZeRO 0,
         # whose shard is the full gradient). Allow each parameter's and each group's alignment padding.
-        shard, world = self.strategy.layout, self.layout.world_size
+        shard, world = self.strategy.layout, self.engine_layout.world_size
         total = sum(
             p.ds_numel if hasattr(p, "ds_numel") else p.numel()
             for p in self.engine.module.parameters()
             if p.requires_grad
         )
         assert self._rows.buffer.shape[1] == shard.numel and self._rows.buffer.shape[0] <= self.num_objectives
-        if self.layout.partitions_gradients:
+        if self.engine_layout.partitions_gradients:
             bound = math.ceil(total / world) + len(shard.slices) + 64 * world
             assert shard.numel <= bound, f"shard of {shard.numel} elements exceeds 1/{world} of {total} (+padding)"
 
@@ -371,10 +432,3 @@ def _rank(group=None) -> int:
 def _world(group=None) -> int:
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
-
-def _collective_device(group) -> str:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend(group) == "gloo":
-        return "cpu"
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().current_device_name()

@@ -16,7 +16,10 @@ stage, with file:line references):
   next step starts clean;
 - ``engine_pieces()`` / ``combine_in_place(own, others)``: read the shard where
   DeepSpeed left it and combine into it in place, so the step's last objective
-  is never copied out (the hook's memory is (K-1) shards, see rows.py).
+  is never copied out (the hook's memory is (K-1) shards, see rows.py);
+- ``onepass_scatter`` / ``finish_external_backward()``: which streaming scatter
+  of ``raco_ds.onepass`` fills this shard from one backward (None: one-pass capture
+  is not supported here), and what DeepSpeed needs afterwards (onepass.py).
 
 What "the shard" is
 -------------------
@@ -37,10 +40,12 @@ flattened tensor; ZeRO-3 pads each parameter to ``world * partition_numel`` and
 the rank owns ``[rank*partition_numel, (rank+1)*partition_numel)`` of the padded
 tensor, of which ``[start, end)`` is real data), and ``numel = end - start``.
 Everything in the flat shard not covered by a slice is padding and must stay 0.
-A one-pass capture writes row k of ``RacoHook.shard_buffer`` (K, numel) for every
-k with these slices, calls ``RacoHook.mark_captured()`` and then
-``RacoHook.step(before_engine_step=...)``; the Gram, the solve and the write-back
-do not change.
+On ZeRO 1-3 the slices are derived from ``partitions`` (one
+:class:`~raco_ds.onepass.FlatPartition` per ZeRO-3 parameter or per ZeRO-1/2
+parameter group: how the data-parallel ranks split the flat gradient), the same
+records the one-pass scatter is built from, so the hook and the scatter cannot
+disagree on the layout. ``RacoHook.onepass()`` (onepass.py) is the one-pass
+capture that fills the shard; the Gram, the solve and the write-back do not change.
 """
 
 from __future__ import annotations
@@ -53,8 +58,9 @@ import torch
 import torch.distributed as dist
 
 from raco_ds.deepspeed.layout import EngineLayout, OptimizerKind
+from raco_ds.onepass import FlatPartition, FlatPartitionScatter, PaddedPartitionScatter, ShardScatter
 
-__all__ = ["ParamSlice", "ShardLayout", "ShardStrategy", "make_strategy"]
+__all__ = ["ParamSlice", "ShardLayout", "ShardStrategy", "make_strategy", "onepass_unsupported_reason"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,8 @@ class ShardLayout:
     """Owned slices, in buffer order; the rest of the shard is zero padding."""
     replicated: bool
     """True at ZeRO 0: every rank's shard is the same full gradient (sum the Gram over one rank only)."""
+    partitions: tuple[FlatPartition, ...] = ()
+    """How the ranks split the flat gradient (ZeRO 1-3), in shard order; the slices are derived from it."""
 
     def padding_mask(self) -> torch.Tensor:
         """(numel,) bool, True where the shard holds padding (for tests and one-pass capture)."""
@@ -104,12 +112,16 @@ class ShardLayout:
 class ShardStrategy(abc.ABC):
     """Capture / clear / write-back of the rank's gradient shard for one DeepSpeed optimizer family."""
 
-    def __init__(self, engine, layout: EngineLayout) -> None:
+    onepass_scatter: type[ShardScatter] | None = None
+    """The ``raco_ds.onepass`` scatter that fills this shard from one backward; None: not supported."""
+
+    def __init__(self, engine, engine_layout: EngineLayout) -> None:
         self.engine = engine
         self.optimizer = engine.optimizer
-        self.engine_layout = layout
+        self.engine_layout = engine_layout
         self._names = {id(p): n for n, p in engine.module.named_parameters()}
-        self.layout = self._build_layout()
+        self.layout: ShardLayout = self._build_layout()
+        """The rank's shard (``RacoHook.shard_layout``); ``engine_layout`` is the engine's configuration."""
 
     # -- the interface -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -187,8 +199,32 @@ class ShardStrategy(abc.ABC):
     def _after_write(self, combined: torch.Tensor | None) -> None:
         """Refresh what DeepSpeed precomputed from the gradient (offload copies, norms); ``combined`` may be None."""
 
+    def finish_external_backward(self) -> None:
+        """Leave DeepSpeed as after a boundary backward when the shard was filled outside DeepSpeed's backward.
+
+        Called once per step, after a one-pass capture filled the shard and before the write-back.
+        Nothing to do where write() rebuilds what step() reads (ZeRO 1/2).
+        """
+
     def _name(self, param) -> str:
         return self._names.get(id(param), f"<unnamed {tuple(param.shape)}>")
+
+    def _partition_slices(self, partitions: list[FlatPartition], *, empty: bool = False) -> list[ParamSlice]:
+        """The rank's owned slices of ``partitions`` (``empty``: also a zero-length slice for a parameter it owns none of)."""
+        slices = []
+        for g, part in enumerate(partitions):
+            rank = dist.get_rank(group=part.group)
+            owned = part.owned(rank)
+            if empty and not owned:
+                start = min(rank * part.partition_size, part.numels[0])
+                owned = [(0, start, start, part.shard_offset)]
+            for i, start, end, offset in owned:
+                slices.append(ParamSlice(part.names[i], part.params[i], self._group_of(part, g), offset, start, end))
+        return slices
+
+    def _group_of(self, part: FlatPartition, index: int) -> int:
+        """The optimizer parameter group of ``part`` (the index-th partition)."""
+        return index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,19 +265,37 @@ class _ZeroPartitionLayout:
     """Layout shared by the ZeRO-1/2 strategies (same partition bookkeeping with or without offload)."""
 
     def _zero12_layout(self: ShardStrategy) -> ShardLayout:
+        # Each group's flat tensor holds its parameters in round_robin_bit16_groups order, padded at
+        # the end, split into world partitions of partition_size (stage_1_and_2.py).
         opt = self.optimizer
-        slices, base = [], 0
-        for i, params in enumerate(opt.params_in_partition):
-            partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
-            for p in params:
-                pid = opt.get_param_id(p)
-                start = int(opt.grad_start_offset[i][partition_id][pid])
-                dest = int(opt.grad_partition_insertion_offset[i][partition_id][pid])
-                n = int(min(p.numel() - start, int(opt.partition_size[i]) - dest))
-                slices.append(ParamSlice(self._name(p), p, i, base + dest, start, start + n))
-            base += int(opt.partition_size[i])
+        partitions, base = [], 0
+        for i, params in enumerate(opt.round_robin_bit16_groups):
+            size = int(opt.partition_size[i])
+            partitions.append(FlatPartition(tuple(self._name(p) for p in params), tuple(params),
+                                            tuple(p.numel() for p in params), size, base, opt.real_dp_process_group[i]))
+            base += size
+        slices = self._partition_slices(partitions)
+        _check_against_zero12_bookkeeping(opt, slices, partitions)
         device = opt.single_partition_of_fp32_groups[0].device
-        return ShardLayout(base, device, tuple(slices), replicated=False)
+        return ShardLayout(base, device, tuple(slices), replicated=False, partitions=tuple(partitions))
+
+
+def _check_against_zero12_bookkeeping(opt, slices: list[ParamSlice], partitions: list[FlatPartition]) -> None:
+    # DeepSpeed's own per-rank record of the same layout (params_in_partition, grad_start_offset,
+    # grad_partition_insertion_offset): checked once, at hook construction.
+    expected = []
+    for i, params in enumerate(opt.params_in_partition):
+        partition_id = dist.get_rank(group=opt.real_dp_process_group[i])
+        for p in params:
+            pid = opt.get_param_id(p)
+            start = int(opt.grad_start_offset[i][partition_id][pid])
+            dest = int(opt.grad_partition_insertion_offset[i][partition_id][pid])
+            n = int(min(p.numel() - start, int(opt.partition_size[i]) - dest))
+            expected.append((id(p), i, partitions[i].shard_offset + dest, start, start + n))
+    derived = [(id(s.param), s.group, s.buffer_offset, s.start, s.end) for s in slices]
+    if derived != expected:
+        raise AssertionError("ZeRO-1/2 flat layout differs from DeepSpeed's partition bookkeeping: DeepSpeed's layout "
+                             "changed (re-check raco_ds/deepspeed/shards.py against HOOKS.md)")
 
 
 class ZeroPartitioned(ShardStrategy, _ZeroPartitionLayout):
@@ -252,6 +306,8 @@ class ZeroPartitioned(ShardStrategy, _ZeroPartitionLayout):
     for bf16 parameters with fp32 accumulation, a ``GradPartitionBufferGroup``
     whose ``flat_partition`` accumulates across backwards (hence the clear).
     """
+
+    onepass_scatter = FlatPartitionScatter
 
     def _build_layout(self) -> ShardLayout:
         return self._zero12_layout()
@@ -333,6 +389,8 @@ class ZeroPartitionedOffload(ShardStrategy, _ZeroPartitionLayout):
     the write-back so that clipping sees the combined gradient.
     """
 
+    onepass_scatter = FlatPartitionScatter
+
     def _build_layout(self) -> ShardLayout:
         return self._zero12_layout()
 
@@ -401,21 +459,28 @@ class Zero3(ShardStrategy):
     def _all_params(self) -> list[torch.nn.Parameter]:
         return list(itertools.chain.from_iterable(self.optimizer.fp16_groups))
 
+    onepass_scatter = PaddedPartitionScatter
+
     def _build_layout(self) -> ShardLayout:
+        # Every parameter is its own partition: padded to world * partition_numel, rank r owning
+        # [r * pn, (r + 1) * pn); the rank's partitions back to back form the flat buffer.
         opt = self.optimizer
-        rank = dist.get_rank(group=opt.dp_process_group)
-        slices, offset = [], 0
+        partitions, self._group_index, offset = [], [], 0
         for g, group in enumerate(opt.fp16_groups):
             for p in group:
-                pn = p.partition_numel()
-                start = min(rank * pn, p.ds_numel)
-                end = min((rank + 1) * pn, p.ds_numel)
-                slices.append(ParamSlice(self._name(p), p, g, offset, start, end))
+                pn = int(p.partition_numel())
+                partitions.append(FlatPartition((self._name(p),), (p,), (int(p.ds_numel),), pn, offset,
+                                                opt.dp_process_group))
+                self._group_index.append(g)
                 offset += pn
         buffer = opt.grad_partitions_flat_buffer
         if offset != buffer.numel():
             raise AssertionError(f"ZeRO-3 flat gradient buffer has {buffer.numel()} elements, layout {offset}")
-        return ShardLayout(offset, buffer.device, tuple(slices), replicated=False)
+        slices = self._partition_slices(partitions, empty=True)
+        return ShardLayout(offset, buffer.device, tuple(slices), replicated=False, partitions=tuple(partitions))
+
+    def _group_of(self, part: FlatPartition, index: int) -> int:
+        return self._group_index[index]
 
     def _pieces(self) -> list[torch.Tensor]:
         return [self.optimizer.grad_partitions_flat_buffer]
@@ -446,6 +511,17 @@ class Zero3(ShardStrategy):
         opt._offload_boundary_param_ids = set()
         opt.norm_for_param_grads = {}
 
+    def finish_external_backward(self) -> None:
+        # ZeRO-3 builds averaged_gradients (the views step() reads; they alias the flat buffer) in its
+        # backward epilogue, which never ran: run it (its buckets are empty, it reduces nothing).
+        opt = self.optimizer
+        opt.independent_gradient_partition_epilogue()
+        if self.engine_layout.offload_optimizer:
+            # The offload boundary copy (_finalize_offload_gradient_accumulation, run by the write-back)
+            # moves only parameters whose gradient hook fired; none did, and every parameter has a
+            # (possibly zero) gradient in the buffer.
+            opt._offload_boundary_param_ids = {p.ds_id for group in opt.fp16_groups for p in group if p.requires_grad}
+
 
 class Bf16ZeroOne(ShardStrategy):
     """ZeRO 1 with bf16 parameters and fp32 accumulation: DeepSpeed's ``BF16_Optimizer``.
@@ -459,22 +535,15 @@ class Bf16ZeroOne(ShardStrategy):
 
     def _build_layout(self) -> ShardLayout:
         opt = self.optimizer
-        slices, base = [], 0
+        partitions, base = [], 0
         for i, group in enumerate(opt.bf16_groups):
-            partition = opt.fp32_groups_gradient_flat_partition[i]
-            size = partition.numel()
-            lo = dist.get_rank(group=opt.real_dp_process_group[i]) * size
-            position = 0
-            for p in group:
-                begin, finish = max(position, lo), min(position + p.numel(), lo + size)
-                if begin < finish:
-                    slices.append(
-                        ParamSlice(self._name(p), p, i, base + begin - lo, begin - position, finish - position)
-                    )
-                position += p.numel()
+            size = opt.fp32_groups_gradient_flat_partition[i].numel()
+            partitions.append(FlatPartition(tuple(self._name(p) for p in group), tuple(group),
+                                            tuple(p.numel() for p in group), size, base, opt.real_dp_process_group[i]))
             base += size
         device = opt.fp32_groups_gradients_flat[0].device
-        return ShardLayout(base, device, tuple(slices), replicated=False)
+        return ShardLayout(base, device, tuple(self._partition_slices(partitions)), replicated=False,
+                           partitions=tuple(partitions))
 
     def _pieces(self) -> list[torch.Tensor]:
         return list(self.optimizer.fp32_groups_gradient_flat_partition)
@@ -502,9 +571,21 @@ _STRATEGIES: dict[tuple[OptimizerKind, bool], type[ShardStrategy]] = {
 }
 
 
-def make_strategy(engine, layout: EngineLayout) -> ShardStrategy:
-    """The shard strategy for ``layout`` (chosen once, at hook construction)."""
-    key = (layout.kind, layout.offload_optimizer)
+def _strategy_class(engine_layout: EngineLayout) -> type[ShardStrategy]:
+    key = (engine_layout.kind, engine_layout.offload_optimizer)
     if key not in _STRATEGIES:
-        raise ValueError(f"RacoHook has no shard strategy for {layout.describe()}")
-    return _STRATEGIES[key](engine, layout)
+        raise ValueError(f"RacoHook has no shard strategy for {engine_layout.describe()}")
+    return _STRATEGIES[key]
+
+
+def make_strategy(engine, engine_layout: EngineLayout) -> ShardStrategy:
+    """The shard strategy for ``engine_layout`` (chosen once, at hook construction)."""
+    return _strategy_class(engine_layout)(engine, engine_layout)
+
+
+def onepass_unsupported_reason(engine_layout: EngineLayout) -> str | None:
+    """None when one-pass capture can fill the shard of an engine with this layout, else why K passes are used."""
+    if _strategy_class(engine_layout).onepass_scatter is None:
+        return (f"ZeRO-{engine_layout.stage} ({engine_layout.kind.value}) has no one-pass shard scatter; "
+                "supported: ZeRO-1/2 and ZeRO-3")
+    return None

@@ -31,19 +31,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raco_ds.collectives import collective_device
 from raco_ds.consensus import StepSolution, solve_across_ranks
 
-# The step stats and the non-finite error are shared with the DeepSpeed hook, so that
-# logging and error handling do not depend on the backend (hook.py imports no deepspeed).
-from raco_ds.solver import validate_weights
+# The step stats and the non-finite error are shared with the DeepSpeed hook (raco_ds.step_stats),
+# so that logging and error handling do not depend on the backend.
+from raco_ds.step import StepOptions
 from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 from raco_ds.gram import local_gram
 from raco_ds.megatron._layout import MegatronShardLayout, UnsupportedMegatronSetupError
 
 __all__ = ["MegatronStepStats", "NonFiniteGradientError", "RacoMegatron"]
-
-ON_NONFINITE = ("skip", "raise")
-
 
 @dataclass
 class MegatronStepStats(RacoStepStats):
@@ -105,15 +103,8 @@ class RacoMegatron:
         on_nonfinite: str = "skip",
         verify: bool = True,
     ) -> None:
-        self.weights = validate_weights(weights)
-        if not 0 <= c < 1:
-            raise ValueError(f"c (the conflict radius) must lie in [0, 1), got {c}")
-        from raco_ds.solver import AGGREGATORS
-
-        if aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {aggregator!r}; choose one of {sorted(AGGREGATORS)}")
-        if on_nonfinite not in ON_NONFINITE:
-            raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
+        options = StepOptions.validated(weights, aggregator, c, on_nonfinite)
+        self.weights = options.weights
         self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         for chunk in self.chunks:
             if not (hasattr(chunk, "zero_grad_buffer") and hasattr(chunk, "buffers") and hasattr(chunk, "no_sync")):
@@ -128,9 +119,7 @@ class RacoMegatron:
                 "megatron.core.optimizer.get_megatron_optimizer(OptimizerConfig(...), model_chunks)"
             )
         self.optimizer = optimizer
-        self.aggregator = aggregator
-        self.c = float(c)
-        self.on_nonfinite = on_nonfinite
+        self.aggregator, self.c, self.on_nonfinite = options.aggregator, options.c, options.on_nonfinite
         self.verify = verify
         self.layout = MegatronShardLayout.from_optimizer(optimizer)
         self._shards: list[torch.Tensor] = [
@@ -248,12 +237,6 @@ class RacoMegatron:
         subs = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         return any(getattr(sub, "grad_scaler", None) is not None for sub in subs)
 
-    def _collective_device(self, group) -> torch.device:
-        backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
-        if "nccl" in str(backend).lower():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
-
     def solve(self) -> tuple[StepSolution, dict[str, float]]:
         """Gram of the captured shards, reduced over the grad-stats group(s), and the solve."""
         missing = [k for k, done in enumerate(self._captured) if not done]
@@ -277,13 +260,13 @@ class RacoMegatron:
             # rank solves bit-identical numbers.
             total = torch.zeros_like(grams[0])
             for section, part in zip(sections, grams):
-                part = part.to(self._collective_device(section.group))
+                part = part.to(collective_device(section.group))
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=section.group)
                 total += part.cpu()
             group, gram = None, total / dist.get_world_size()
         solution = solve_across_ranks(
             gram, self.weights, self.aggregator, self.c, group=group,
-            device=self._collective_device(group), verify=self.verify,
+            device=collective_device(group), verify=self.verify,
         )
         timings["allreduce"] = solution.seconds_allreduce
         timings["solve"] = solution.seconds_solve

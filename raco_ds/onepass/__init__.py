@@ -9,11 +9,14 @@ See docs/onepass.md. Public names:
 - :func:`register_rule` -- add a module type;
 - :meth:`OnePassCapture.self_check` / :class:`SelfCheck` -- verify one capture pass against autograd
   on a real batch (what static checks cannot see); :class:`OnePassMismatchError` when they differ;
-- :class:`DeepSpeedOnePass` -- the same for a DeepSpeed engine, filling the hook's (K, shard) buffer
-  (:func:`onepass_unsupported_reason` says when it cannot run there);
 - :class:`GradientSink` / :class:`ShardScatter` -- streaming: each parameter's K gradients reduced into the
-  rank's shard during the backward, as soon as complete;
+  rank's shard during the backward, as soon as complete (:class:`PaddedPartitionScatter`,
+  :class:`FlatPartitionScatter`), for a shard described by :class:`FlatPartition` records;
 - errors :class:`UnsupportedModuleError`, :class:`FusedKernelError`, :class:`CollectiveOrderError`.
+
+This package knows no training framework. Under DeepSpeed, one pass is a method
+of the RACO hook (``RacoHook.onepass``, ``raco_ds.deepspeed.onepass``), which
+builds the scatter from the hook's shard layout.
 """
 
 from ._capture import FusedKernelError, GradientSink, OnePassCapture, OnePassMismatchError, SelfCheck
@@ -23,31 +26,30 @@ from ._coefficients import (
     objective_row_coefficients,
     shared_pair_coefficients,
 )
-from ._deepspeed import DeepSpeedOnePass, onepass_unsupported_reason
 from ._rules import UnsupportedModuleError, register_rule
-from ._zero import (
+from ._scatter import (
     CollectiveOrderError,
+    FlatPartition,
+    FlatPartitionScatter,
+    PaddedPartitionScatter,
     ShardScatter,
-    finish_engine_backward,
-    make_shard_scatter,
 )
 
 __all__ = [
     "CollectiveOrderError",
-    "DeepSpeedOnePass",
+    "FlatPartition",
+    "FlatPartitionScatter",
     "FusedKernelError",
     "GradientSink",
     "OnePassCapture",
     "OnePassMismatchError",
+    "PaddedPartitionScatter",
     "RowCoefficients",
     "SelfCheck",
     "ShardScatter",
     "UnsupportedModuleError",
     "coefficients_from_losses",
-    "finish_engine_backward",
-    "make_shard_scatter",
     "objective_row_coefficients",
-    "onepass_unsupported_reason",
     "register_rule",
     "shared_pair_coefficients",
 ]

@@ -95,12 +95,8 @@ class OnePassStep:
     name = "onepass"
 
     def __init__(self, run) -> None:
-        from raco_ds.onepass import DeepSpeedOnePass
-
         raco = run.cfg.raco
-        self.adapter = DeepSpeedOnePass(run.engine, len(run.names), run.hook.shard_layout,
-                                        verify=raco.verify_onepass, verify_every=raco.verify_every)  # fmt: skip
-        self.rows: list | None = None  # the hook's K shard rows, bound at the first step
+        self.adapter = run.hook.attach_onepass(verify=raco.verify_onepass, verify_every=raco.verify_every)
         self._logged_check = None
 
     def step(self, run, record) -> Any:
@@ -120,8 +116,7 @@ class OnePassStep:
                 stream.load_state_dict(position)
             if run.rank == 0:  # every rank reached the same verdict (the check is agreed across ranks)
                 logger.warning("capture: K passes per step from here on (%s)", err)
-            self.adapter.remove()
-            run.hook.release_capture_rows()
+            run.hook.detach_onepass()
             run.capture = KPassStep()
             return run.capture.step(run, record)  # the check runs before anything is recorded
 
@@ -130,28 +125,22 @@ class OnePassStep:
 
         k_total, gas, hook = len(run.names), run.cfg.optimisation.gradient_accumulation_steps, run.hook
         step_started = time.perf_counter()
-        if self.rows is None:
-            # Bound to the hook's rows (the last one DeepSpeed's own buffer where possible), the K
-            # shards are reduced straight into them during the backward.
-            self.rows = hook.capture_rows()
         reduced_before = self.adapter.scatter.seconds
-        self.adapter.zero(shard_buffer=self.rows)
-        for _ in range(gas):
-            # Per-objective data: every objective's next micro-batch in one forward (labels of a pair
-            # are 0 for the objectives it does not belong to, so each loss averages its own pairs).
-            items = [item for stream in run.streams for item in stream.next_items()]
-            batch = run.collator(items).to(run.device)
-            with self.adapter.record(rows=batch.input_ids.shape[0]):
-                logits = self.adapter.forward(  # checks the capture first when a check is due
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-                ).logits
-                out, logps = run.losses_from_logits(batch, logits)
-                coefficients = coefficients_from_losses(logps, out.losses)  # (K, 2B) = dL_k / dlogp_r
-                self.adapter.backward(logps.sum(), coefficients)
-            record.tokens += int(batch.attention_mask.sum())
-            record.add(out, range(k_total))
-        self.adapter.scatter_into(self.rows)  # a finaliser: the reduction ran inside backward()
-        hook.mark_captured()
+        with hook.onepass() as op:  # the K shards are reduced into the hook's rows during each backward
+            for _ in range(gas):
+                # Per-objective data: every objective's next micro-batch in one forward (labels of a pair
+                # are 0 for the objectives it does not belong to, so each loss averages its own pairs).
+                items = [item for stream in run.streams for item in stream.next_items()]
+                batch = run.collator(items).to(run.device)
+                with op.record(rows=batch.input_ids.shape[0]):
+                    logits = op.forward(  # checks the capture first when a check is due
+                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+                    ).logits
+                    out, logps = run.losses_from_logits(batch, logits)
+                    coefficients = coefficients_from_losses(logps, out.losses)  # (K, 2B) = dL_k / dlogp_r
+                    op.backward(logps.sum(), coefficients)
+                record.tokens += int(batch.attention_mask.sum())
+                record.add(out, range(k_total))
         record.scatter_seconds = self.adapter.scatter.seconds - reduced_before
         record.passes_seconds = time.perf_counter() - step_started - record.scatter_seconds
         check = self.adapter.capture.last_check
@@ -159,17 +148,17 @@ class OnePassStep:
             self._logged_check = check
             logger.info("capture: one-pass self-check on the step's first micro-batch: %s (%.1fs)", check.describe(),
                         check.seconds)  # fmt: skip
-        return hook.step(before_engine_step=self.adapter.finish_engine_backward)
+        return hook.step()
 
 
 def choose_capture(run) -> KPassStep | OnePassStep:
     """The capture ``raco.capture`` asks for: "auto" = one pass where the engine and the model support it."""
-    from raco_ds.onepass import UnsupportedModuleError, onepass_unsupported_reason
+    from raco_ds.onepass import UnsupportedModuleError
 
     wanted = run.cfg.raco.capture
     if wanted == "k_pass":
         return KPassStep()
-    reason = onepass_unsupported_reason(run.engine)
+    reason = run.hook.onepass_unsupported_reason()
     if reason is None:
         try:
             return OnePassStep(run)

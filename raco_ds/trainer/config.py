@@ -381,16 +381,10 @@ _NONFINITE = ("skip", "raise")
 # Validation: each error names the field, what was found and the fix.
 
 
-def _known(registry_module: str, registry: str) -> list[str] | None:
-    """Names in a registry of another raco_ds module, or None if that module is unavailable."""
-    try:
-        module = __import__(registry_module, fromlist=[registry])
-        return sorted(getattr(module, registry))
-    except (ImportError, AttributeError):
-        return None
-
-
 def _validate(cfg: TrainConfig) -> None:
+    from raco_ds.losses import LOSSES  # here: this module imports no torch (configs parse before it loads)
+    from raco_ds.solver import AGGREGATORS
+
     names, weights = cfg.objectives.names, cfg.objectives.weights
     if not names:
         raise ConfigError("objectives.names is empty; pass at least one objective, e.g. --objectives helpful,harmless")
@@ -406,14 +400,12 @@ def _validate(cfg: TrainConfig) -> None:
     total = sum(weights)
     cfg.objectives.weights = [float(w) / total for w in weights]  # the simplex; saved normalised
 
-    known_losses = _known("raco_ds.losses", "LOSSES")
-    if known_losses is not None and cfg.loss.name not in known_losses:
-        raise ConfigError(f"loss.name={cfg.loss.name!r} is not a registered loss; use one of {known_losses}")
+    if cfg.loss.name not in LOSSES:
+        raise ConfigError(f"loss.name={cfg.loss.name!r} is not a registered loss; use one of {sorted(LOSSES)}")
     if not math.isfinite(cfg.loss.beta) or cfg.loss.beta <= 0:
         raise ConfigError(f"loss.beta must be a positive number, got {cfg.loss.beta}")
-    known_aggregators = _known("raco_ds.solver", "AGGREGATORS")
-    if known_aggregators is not None and cfg.raco.aggregator not in known_aggregators:
-        raise ConfigError(f"raco.aggregator={cfg.raco.aggregator!r} is not registered; use one of {known_aggregators}")
+    if cfg.raco.aggregator not in AGGREGATORS:
+        raise ConfigError(f"raco.aggregator={cfg.raco.aggregator!r} is not registered; use one of {sorted(AGGREGATORS)}")
     if not 0.0 <= cfg.raco.c < 1.0:
         raise ConfigError(f"raco.c must be in [0, 1), got {cfg.raco.c}")
     for name, value, allowed in (

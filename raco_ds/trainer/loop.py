@@ -357,7 +357,7 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, out: P
     logger.info("batch: %d pairs/micro-batch/rank x %d micro-batches/objective x %d ranks = %d pairs per objective "
                 "per step; %d steps", opt.micro_batch_size, opt.gradient_accumulation_steps, world, per_step,
                 opt.max_steps)  # fmt: skip
-    logger.info("DeepSpeed %s: %s", Path(ds_name).name, hook.layout.describe())
+    logger.info("DeepSpeed %s: %s", Path(ds_name).name, hook.engine_layout.describe())
     logger.info("RACO: objectives %s, weights %s, aggregator %s (c=%g), loss %s (beta=%g), capture %s",
                 run.names, [round(w, 4) for w in cfg.objectives.weights], cfg.raco.aggregator, cfg.raco.c,
                 cfg.loss.name, cfg.loss.beta, run.capture.name)  # fmt: skip

@@ -1,4 +1,9 @@
-"""One-pass gradients into DeepSpeed's shard layout, streamed during the backward.
+"""One-pass gradients reduced into each rank's gradient shard, streamed during the backward.
+
+Framework-free (torch.distributed only): the shard is described by
+:class:`FlatPartition` records that the training framework's adapter fills in
+(for DeepSpeed, ``raco_ds.deepspeed.shards`` builds them with the hook's
+``ShardLayout``: one source of truth for where each parameter's slice sits).
 
 A parameter's K gradients need only its input and output gradient, so under
 ZeRO-3 nothing is gathered to form them. :class:`OnePassCapture` hands each
@@ -13,19 +18,20 @@ rank holds at most about K x ((max_in_flight + 1) buckets + the largest
 parameter) of full-size gradients at a time, plus the K shard rows, never K full
 gradients.
 
-Layouts (DeepSpeed 0.19, HOOKS.md), and the collective each uses:
+Two partitionings, one scatter each:
 
-- ZeRO-3: each parameter padded to ``world * partition_numel``; rank r owns
+- :class:`PaddedPartitionScatter` (ZeRO-3): each parameter is its own
+  partition, padded to ``world * partition_size``; rank r owns
   ``[r * pn, (r + 1) * pn)``; the shard is the owned partitions back to back.
   A bucket is a (world, K, width) staging tensor, one ``reduce_scatter_tensor``;
   a parameter of a bucket's size or more goes alone (without a staging copy when it
   needs no padding: one reduce-scatter per objective straight from its gradient,
   into the shard itself when the step's target there is still zero).
-- ZeRO-1/2: each parameter group is one flat tensor (``round_robin_bit16_groups``
-  order, padded at the end) split into ``world`` partitions of
-  ``partition_size[i]``; a parameter may straddle partitions. Per bucket, each
-  owning rank receives its pieces by one ``reduce`` (as DeepSpeed's own ZeRO-2
-  does), so every element crosses the network once.
+- :class:`FlatPartitionScatter` (ZeRO-1/2): each parameter group is one flat
+  tensor (parameters back to back, padded at the end) split into ``world``
+  partitions of ``partition_size``; a parameter may straddle partitions. Per
+  bucket, each owning rank receives its pieces by one ``reduce`` (as DeepSpeed's
+  own ZeRO-2 does), so every element crosses the network once.
 
 Ordering: every rank must issue these collectives in the same order. The
 backward's order is deterministic for the same model and graph, and unused
@@ -33,14 +39,13 @@ parameters follow in registration order; :meth:`ShardScatter.check_order`
 (once per optimizer step) all-reduces a hash of the issued sequence and raises
 :class:`CollectiveOrderError` if the ranks differ.
 
-Gradients are averaged over the data-parallel ranks, as DeepSpeed does, and
-reduced in fp32.
+Gradients are averaged over the data-parallel ranks and reduced in fp32.
 
-Example (the streaming sink of a capture, normally built by ``DeepSpeedOnePass``)::
+Example (normally built by ``RacoHook.onepass`` through the hook's shard strategy)::
 
-    scatter = make_shard_scatter(engine, capture, hook.shard_layout)
+    scatter = PaddedPartitionScatter.build(capture, partitions, shard_numel, device=device)
     capture.stream_to(scatter)
-    scatter.bind(hook.shard_buffer)        # zeroes it; later micro-batches add into it
+    scatter.bind(rows)                     # zeroes them; later micro-batches add into them
     ...capture.backward(...) per micro-batch...
     scatter.check_order(); scatter.unbind()
 """
@@ -60,8 +65,8 @@ import torch.distributed as dist
 
 from ._capture import OnePassCapture
 
-__all__ = ["CollectiveOrderError", "ShardRowsLike", "ShardScatter", "as_shard_rows", "finish_engine_backward",
-           "make_shard_scatter"]
+__all__ = ["CollectiveOrderError", "FlatPartition", "FlatPartitionScatter", "PaddedPartitionScatter", "ShardRowsLike",
+           "ShardScatter", "as_shard_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +106,49 @@ class CollectiveOrderError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class FlatPartition:
+    """Parameters flattened back to back, zero-padded to ``world * partition_size`` and cut into ``world`` partitions.
+
+    Rank r owns elements ``[r * partition_size, (r + 1) * partition_size)`` of the
+    flat tensor; that range sits at ``shard_offset`` in rank r's flat shard. ZeRO-3
+    has one such partition per parameter, ZeRO-1/2 one per optimizer parameter
+    group. Both the hook's per-parameter slices and the one-pass scatter are
+    derived from these records.
+    """
+
+    names: tuple[str, ...]
+    """The parameters' names (for error messages)."""
+    params: tuple[torch.nn.Parameter, ...]
+    """The parameters, in flat order."""
+    numels: tuple[int, ...]
+    """Each parameter's full (unpartitioned) element count."""
+    partition_size: int
+    """Elements per rank's partition."""
+    shard_offset: int
+    """Where this rank's partition starts in its flat shard (the same on every rank)."""
+    group: object = None
+    """The process group over which the partitions are spread (None: the default group)."""
+
+    def owned(self, rank: int) -> list[tuple[int, int, int, int]]:
+        """``(index, start, end, shard_offset)`` of each parameter with elements in ``rank``'s partition.
+
+        ``[start, end)`` is the owned range of parameter ``index``'s flattened tensor and
+        ``shard_offset`` where element ``start`` sits in the rank's shard.
+
+        >>> FlatPartition(("a", "b"), (None, None), (3, 4), 4, 10).owned(1)
+        [(1, 1, 4, 10)]
+        """
+        lo, hi = rank * self.partition_size, (rank + 1) * self.partition_size
+        out, position = [], 0
+        for i, numel in enumerate(self.numels):
+            begin, finish = max(position, lo), min(position + numel, hi)
+            if begin < finish:
+                out.append((i, begin - position, finish - position, self.shard_offset + begin - lo))
+            position += numel
+        return out
+
+
+@dataclass(frozen=True)
 class _Param:
     """One parameter's place in the rank's shard (ZeRO-3) or in its group's flat tensor (ZeRO-1/2)."""
 
@@ -126,7 +174,7 @@ class ShardScatter(abc.ABC):
     """Reduce each complete parameter's (K, numel) gradients into K bound shard rows.
 
     The :class:`~raco_ds.onepass._capture.GradientSink` of a streaming
-    :class:`OnePassCapture`. Build with :func:`make_shard_scatter`; :meth:`bind`
+    :class:`OnePassCapture`. Build with a subclass's ``build``; :meth:`bind`
     the target before the step's first backward; :meth:`check_order` once per
     step after the last one. :meth:`scatter` is the non-streaming form (the
     capture accumulated full buffers; everything is reduced at once).
@@ -161,6 +209,22 @@ class ShardScatter(abc.ABC):
         self._in_flight: deque[_InFlight] = deque()
         self._target_fresh = False  # the bound target was zeroed and nothing was added since
         self._delivered: set[int] = set()  # direct-path parameters reduced into the target since bind()
+
+    @classmethod
+    def build(cls, capture: OnePassCapture, partitions: Sequence[FlatPartition], shard_numel: int, *,
+              device: torch.device, bucket_numel: int = _BUCKET_NUMEL, max_in_flight: int = _MAX_IN_FLIGHT) -> ShardScatter:
+        """The scatter that reduces ``capture``'s gradients into a shard of ``shard_numel`` described by ``partitions``.
+
+        Every partitioned parameter must be one the capture tracks (``ValueError`` otherwise).
+        """
+        params, options = cls._placements(partitions, _capture_index(capture, partitions))
+        return cls(capture, shard_numel, params, device=device, bucket_numel=bucket_numel,
+                   max_in_flight=max_in_flight, **options)
+
+    @classmethod
+    @abc.abstractmethod
+    def _placements(cls, partitions: Sequence[FlatPartition], index: dict[int, int]) -> tuple[dict[int, _Param], dict]:
+        """Each parameter's place (keyed by ``id(param)``) and the constructor's process-group options."""
 
     @property
     def num_objectives(self) -> int:
@@ -309,8 +373,20 @@ class ShardScatter(abc.ABC):
         self.unbind()
 
 
-class _Zero3Scatter(ShardScatter):
-    """ZeRO-3: a bucket is a (world, K, width) staging tensor and one reduce-scatter."""
+class PaddedPartitionScatter(ShardScatter):
+    """One partition per parameter (ZeRO-3): a bucket is a (world, K, width) staging tensor and one reduce-scatter."""
+
+    @classmethod
+    def _placements(cls, partitions: Sequence[FlatPartition], index: dict[int, int]) -> tuple[dict[int, _Param], dict]:
+        params = {}
+        for part in partitions:
+            if len(part.params) != 1:
+                raise ValueError(f"PaddedPartitionScatter needs one parameter per partition, got {list(part.names)}")
+            p = part.params[0]
+            params[id(p)] = _Param(index[id(p)], part.numels[0], partition_numel=part.partition_size,
+                                   shard_offset=part.shard_offset)
+        group = partitions[0].group if partitions else None
+        return params, {"group": group, "world_size": dist.get_world_size(group), "rank": dist.get_rank(group)}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -448,11 +524,27 @@ def _compact(staging: torch.Tensor, cols: int) -> torch.Tensor:
     return flat[: world * k * cols].view(world, k, cols)
 
 
-class _FlatScatter(ShardScatter):
-    """ZeRO-1/2: per bucket, each rank that owns part of it receives its pieces by one ``reduce``."""
+class FlatPartitionScatter(ShardScatter):
+    """One flat partition per parameter group (ZeRO-1/2): per bucket, each owning rank receives its pieces by one ``reduce``."""
+
+    @classmethod
+    def _placements(cls, partitions: Sequence[FlatPartition], index: dict[int, int]) -> tuple[dict[int, _Param], dict]:
+        params, sizes, bases, groups = {}, [], [], []
+        world, rank = 1, 0
+        for i, part in enumerate(partitions):
+            world, rank = dist.get_world_size(part.group), dist.get_rank(part.group)
+            offset = 0
+            for p, numel in zip(part.params, part.numels):
+                params[id(p)] = _Param(index[id(p)], numel, group=i, flat_offset=offset)
+                offset += numel
+            sizes.append(part.partition_size)
+            bases.append(part.shard_offset)
+            groups.append(part.group)
+        return params, {"group": groups[0] if groups else None, "world_size": world, "rank": rank,
+                        "partition_sizes": sizes, "group_bases": bases, "groups": groups}
 
     def __init__(self, *args, partition_sizes: list[int], group_bases: list[int], groups: list, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # params: _Param.group indexes partition_sizes / group_bases / groups
         self.partition_sizes = partition_sizes
         self.group_bases = group_bases  # column of group i's partition in the shard (the same on every rank)
         self.groups = groups
@@ -520,76 +612,10 @@ class _FlatScatter(ShardScatter):
         self._pending, self._pending_numel = [], 0
 
 
-def make_shard_scatter(engine, capture: OnePassCapture, shard_layout, *, bucket_numel: int = _BUCKET_NUMEL,
-                       max_in_flight: int = _MAX_IN_FLIGHT) -> ShardScatter:
-    """A :class:`ShardScatter` for ``engine`` whose shard is described by ``shard_layout``.
-
-    ``shard_layout`` is the hook's ``raco_ds.deepspeed.shards.ShardLayout`` (the
-    capture seam). The ZeRO stage is read from the optimizer type; every
-    trainable parameter of the layout must be one the capture tracks.
-    ``bucket_numel`` bounds the full-parameter elements (per objective) per collective;
-    ``max_in_flight`` is how many collectives may run while the backward goes on (0: synchronous).
-    """
-    opt = engine.optimizer
+def _capture_index(capture: OnePassCapture, partitions: Sequence[FlatPartition]) -> dict[int, int]:
+    """Each partitioned parameter's registration index in ``capture``; every one must be tracked."""
     index = {id(p): i for i, (_, p) in enumerate(capture.parameters)}
-    missing = [s.name for s in shard_layout.slices if id(s.param) not in index]
+    missing = [n for part in partitions for n, p in zip(part.names, part.params) if id(p) not in index]
     if missing:
         raise ValueError(f"one-pass capture does not track parameters the optimizer owns: {missing[:5]}")
-    device = torch.device(getattr(engine, "device", shard_layout.device))
-    name = type(opt).__name__
-    if shard_layout.replicated:
-        raise ValueError("one-pass capture has no shard scatter for a replicated (ZeRO-0) gradient; use K-pass capture")
-    by_param = {id(s.param): s for s in shard_layout.slices}
-    if name == "DeepSpeedZeroOptimizer_Stage3":
-        group = opt.dp_process_group
-        params = {}
-        for sub_group in opt.fp16_groups:
-            for p in sub_group:
-                params[id(p)] = _Param(index[id(p)], int(p.ds_numel), partition_numel=int(p.partition_numel()),
-                                       shard_offset=by_param[id(p)].buffer_offset)
-        return _Zero3Scatter(capture, shard_layout.numel, params, group=group, world_size=dist.get_world_size(group),
-                             rank=dist.get_rank(group), device=device, bucket_numel=bucket_numel,
-                             max_in_flight=max_in_flight)
-    if name == "DeepSpeedZeroOptimizer":
-        params, sizes, bases, groups = {}, [], [], []
-        base, world, rank = 0, 1, 0
-        for i, group_params in enumerate(opt.round_robin_bit16_groups):  # the flat tensor's order
-            group = opt.real_dp_process_group[i]
-            world, rank = dist.get_world_size(group), dist.get_rank(group)
-            size = int(opt.partition_size[i])
-            offset = 0
-            for p in group_params:
-                s = by_param.get(id(p))
-                # Check our flat arithmetic against the hook's seam where this rank owns a slice.
-                if s is not None and s.numel and s.buffer_offset - base != offset + s.start - rank * size:
-                    raise AssertionError(f"ZeRO-1/2 flat layout mismatch for {s.name}: DeepSpeed's layout changed")
-                params[id(p)] = _Param(index[id(p)], p.numel(), group=i, flat_offset=offset)
-                offset += p.numel()
-            sizes.append(size)
-            bases.append(base)
-            groups.append(group)
-            base += size
-        return _FlatScatter(capture, shard_layout.numel, params, group=groups[0] if groups else None, world_size=world,
-                            rank=rank, device=device, bucket_numel=bucket_numel, max_in_flight=max_in_flight, partition_sizes=sizes,
-                            group_bases=bases, groups=groups)
-    raise ValueError(f"one-pass capture has no shard scatter for optimizer {name}; use K-pass capture")
-
-
-def finish_engine_backward(engine) -> None:
-    """Leave DeepSpeed as a boundary backward would, when the gradient came from one-pass capture.
-
-    ZeRO-3 builds ``averaged_gradients`` (the views ``step()`` reads) in its
-    backward epilogue, which never ran: run it (it reduces nothing, its buckets
-    are empty); under optimizer offload also mark every parameter as reduced at
-    this boundary so the write-back copies all of them to the host. Call it
-    before the hook's write-back (``DeepSpeedOnePass.scatter_into`` does). Other
-    stages need nothing here (the shard strategy's write() rebuilds their lists).
-    """
-    opt = engine.optimizer
-    if type(opt).__name__ == "DeepSpeedZeroOptimizer_Stage3":
-        opt.independent_gradient_partition_epilogue()
-        if getattr(opt, "offload_optimizer", False):
-            # The offload boundary copy (_finalize_offload_gradient_accumulation, run by the hook's
-            # write-back) only moves parameters whose gradient hook fired; none did. Every parameter
-            # has a (possibly zero) one-pass gradient in the buffer.
-            opt._offload_boundary_param_ids = {p.ds_id for group in opt.fp16_groups for p in group if p.requires_grad}
+    return index
