@@ -74,7 +74,7 @@ def _one_step(rank: int, stage: int, capture: str, shape: str):
     import deepspeed
 
     from raco_ds.deepspeed import RacoHook
-    from raco_ds.onepass import DeepSpeedOnePass, coefficients_from_losses
+    from raco_ds.onepass import coefficients_from_losses
 
     model = _lora_model()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -82,16 +82,11 @@ def _one_step(rank: int, stage: int, capture: str, shape: str):
                                       config=_ds_config(stage))  # fmt: skip
     hook = RacoHook(engine, weights=WEIGHTS, aggregator="raco", c=0.4)
     if capture == "onepass":
-        adapter = DeepSpeedOnePass(engine, K, hook.shard_layout)  # self-checked against autograd on this pass
-        rows = hook.capture_rows()
-        adapter.zero(shard_buffer=rows)
-        with adapter.record(rows=2 * PAIRS):
-            losses, logps = _losses(adapter.forward, rank, shape)  # checks the capture first (its first pass)
-            adapter.backward(logps.sum(), coefficients_from_losses(logps, losses))
-        adapter.scatter_into(rows)
-        hook.mark_captured()
-        stats = hook.step(before_engine_step=adapter.finish_engine_backward)
-        assert adapter.capture.last_check is not None and adapter.capture.last_check.passed
+        with hook.onepass() as op, op.record(rows=2 * PAIRS):  # self-checked against autograd on this pass
+            losses, logps = _losses(op.forward, rank, shape)  # checks the capture first (its first pass)
+            op.backward(logps.sum(), coefficients_from_losses(logps, losses))
+        stats = hook.step()
+        assert op.capture.last_check is not None and op.capture.last_check.passed
     elif shape == "shared":
         hook.backward_shared(lambda: _losses(engine, rank, shape)[0])
         stats = hook.step()
