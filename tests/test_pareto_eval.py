@@ -59,3 +59,24 @@ def test_report_flattens_and_formats():
     report = EvalReport(objectives=["a", "b"], metrics={"accuracy": [0.5, 0.75]})
     assert report.flat() == {"accuracy/a": 0.5, "accuracy/b": 0.75}
     assert "0.7500" in format_report(report)
+
+
+def test_eval_launcher_generates_judges_and_writes_samples_with_intervals(tmp_path):
+    from raco_ds.models import resolve_model_path
+
+    out, samples = tmp_path / "m.json", tmp_path / "gen.jsonl"
+    code = _eval_launcher().main([
+        "--model", resolve_model_path("tiny"), "--preset", "tiny", "--data.num_eval_pairs", "8", "--output", str(out),
+        "--generate", "--num-prompts", "3", "--max-new-tokens", "6", "--judges", "length_tokens,implicit_reward",
+        "--samples", str(samples), "--sample", "--gen-seed", "1",
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    lines = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(lines) == 3 and all(0 <= s["response_tokens"] <= 6 for s in lines)
+    assert [s["scores"]["length_tokens"] for s in lines] == [s["response_tokens"] for s in lines]
+    assert all(s["scores"]["implicit_reward"] == 0.0 for s in lines)  # the model is its own reference
+    length = report["intervals"]["gen/length_tokens"]
+    assert length["n"] == 3 and length["low"] <= length["value"] <= length["high"]
+    assert report["intervals"]["accuracy_disagree/helpful"]["n"] == report["num_conflict_pairs"]
+    assert report["generation"]["decoding"].startswith("sampled")
