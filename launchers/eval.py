@@ -4,6 +4,8 @@
     python launchers/eval.py --model outputs/tiny
     # any HF model folder, against the data/split/reference that trainer options describe
     python launchers/eval.py --model path/to/hf_folder --preset tiny --data.num_eval_pairs 80
+    # a LoRA run's PEFT adapter folder (loaded onto the base model its adapter_config.json names, merged)
+    python launchers/eval.py --model outputs/lora/export_adapter
     # a different reference than the config's initial model
     python launchers/eval.py --model outputs/tiny --reference tiny
     # also generate (greedy, <= 128 new tokens) for 64 held-out prompts and judge the responses
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate, print the table, write the JSON."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="A run folder (with config.yaml and export/) or an HF model folder.")
+    p.add_argument("--model", required=True, help="A run folder (with config.yaml and export/), an HF model folder "
+                                                     "or a PEFT adapter folder.")
     p.add_argument("--reference", default=None, help="Reference model (default: the config's model.name_or_path).")
     p.add_argument("--output", default=None, help="JSON file to write (default: <model folder>/heldout_eval.json).")
     p.add_argument("--batch-size", type=int, default=None, help="Pairs per forward (default: logging.eval_batch_size).")
