@@ -163,7 +163,7 @@ def precompute_reference_logps(
     table = _load(path, len(dataset)) if use_cache else None
     if distributed:
         # Load only if every rank can: otherwise some ranks would skip the collective forwards.
-        have = torch.tensor([1 if table is not None else 0], device=_comm_device(group))
+        have = torch.tensor([1 if table is not None else 0], device=collective_device(group))
         dist.all_reduce(have, op=dist.ReduceOp.MIN, group=group)
         if not have.item():
             table = None
