@@ -214,7 +214,7 @@ def test_rejects_too_little_data(tiny_data):
 
     _, tokenizer = tiny_data
     bad = parse_args(["--preset", "tiny", "--data.num_eval_pairs", "400"])
-    with pytest.raises(ConfigError, match="data.num_eval_pairs=400 leaves none to train on"):
+    with pytest.raises(ConfigError, match=r"data.num_eval_pairs=400 \(whole prompt groups\) leaves none to train on"):
         build_data(bad, tokenizer, rank=0, world=1)
     bad = parse_args(["--preset", "tiny", "--data.num_train_pairs", "4", "--optimisation.micro_batch_size", "4"])
     with pytest.raises(ConfigError, match="raise --data.num_train_pairs or lower the batch size"):
