@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capture", choices=("perobjective", "onepass"), default="perobjective",
                    help="onepass puts all K objectives' rows in one forward (K x the rows; conservative for shared pairs)")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per row (default 4096)")
+    p.add_argument("--lora-r", type=int, default=0,
+                   help="LoRA rank on every linear layer of the blocks (default 0: full fine-tuning)")
     p.add_argument("--no-checkpointing", action="store_true", help="plan without activation checkpointing")
     p.add_argument("--no-flash-attn", action="store_true", help="plan for eager attention (s x s scores kept)")
     p.add_argument("--reference", choices=("resident", "cached"), default="resident",
@@ -149,6 +151,7 @@ def job_from_args(args: argparse.Namespace, ds_config: dict[str, Any] | None) ->
         fragmentation=args.fragmentation,
         fixed_reserve_gib=args.reserve_gib,
         logit_bytes_per_element=args.logit_bytes,
+        lora_rank=args.lora_r,
         **settings,
     )
 

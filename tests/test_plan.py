@@ -267,3 +267,39 @@ def test_projection_cli_writes_json_with_assumptions(tmp_path: Path, capsys: pyt
     assert "assumptions:" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert [p["gpus"] for p in data["points"]] == [64, 128] and len(data["assumptions"]) >= 8
+
+
+def test_lora_counts_match_peft_on_a_real_model() -> None:
+    """ModelShape.lora_params equals peft's own trainable count for LoRA on every linear layer of the blocks."""
+    import torch
+    import transformers as tf
+    from peft import LoraConfig, get_peft_model
+
+    config = tf.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(tf.LlamaForCausalLM(config), LoraConfig(r=4, target_modules=targets))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    shape = ModelShape(name="tiny", hidden_size=48, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=80,
+                       vocab_size=97)  # fmt: skip
+    assert shape.lora_params(4) == trainable
+
+
+def test_lora_plan_scales_trainable_states_and_drops_the_reference_copy() -> None:
+    model = PRESETS["llama3-70b"]
+    full = plan_memory(model, JobShape(nodes=16, num_objectives=4))
+    lora = plan_memory(model, JobShape(nodes=16, num_objectives=4, lora_rank=16))
+    ratio = model.lora_params(16) / model.num_params
+    for term in ("RACO shards (K=4)", "fp32 master (partition)", "Adam m, v (partition)", "gradient partition"):
+        assert lora.gpu_terms[term] == pytest.approx(full.gpu_terms[term] * ratio, rel=1e-3), term
+    assert "reference model (bf16)" in full.gpu_terms and "reference model (bf16)" not in lora.gpu_terms
+    assert lora.gpu_terms["bf16 params (partition)"] > full.gpu_terms["bf16 params (partition)"]  # + adapters
+    assert not lora.deepspeed_terms  # DeepSpeed's estimators assume every parameter trains
+
+
+def test_cli_lora_fits_70b_on_one_node(capsys: pytest.CaptureFixture[str]) -> None:
+    assert plan_cli.main(["--model", "llama3-70b", "--nodes", "1", "--quiet"]) != 0
+    capsys.readouterr()
+    assert plan_cli.main(["--model", "llama3-70b", "--nodes", "1", "--lora-r", "16", "--quiet"]) == 0
+    assert "fits" in capsys.readouterr().out

@@ -35,7 +35,11 @@ Added by raco_ds and the run (not in DeepSpeed's estimator):
   (the engine's partition lives there, HOOKS.md).
 - Frozen reference model for DPO, when resident: partitioned like the policy
   under ZeRO-3 (2P/N), replicated under ZeRO-1/2 (2P). 0 when log-probs of the
-  reference are precomputed (``reference="cached"``).
+  reference are precomputed (``reference="cached"``) or with LoRA (the base
+  with adapters disabled is the reference).
+- LoRA (``lora_rank`` r > 0): gradients, fp32 master weights, Adam states, the
+  RACO shards and the step workspace scale with the T adapter parameters
+  (:meth:`ModelShape.lora_params`) instead of P; the bf16 parameters are P + T.
 - ZeRO-3 optimizer-step workspace: ``step()`` flattens a sub-group's gradient
   into a fresh fp32 tensor (stage3.py:2686), min(sub_group_size, P/N) x 4.
 - Activations, bf16, per decoder layer of a Llama-shaped model (HF
@@ -162,6 +166,18 @@ class ModelShape:
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_embeddings else 2)
         return embeddings + self.num_layers * self.params_per_layer + self.hidden_size
 
+    def lora_params(self, rank: int) -> int:
+        """Adapter parameters of LoRA rank ``rank`` on every linear layer of the blocks (q, k, v, o, gate, up,
+        down; raco_ds's default targets): r x (in + out) per layer.
+
+        >>> ModelShape(name="8b", hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        ...            intermediate_size=14336, vocab_size=128256).lora_params(16)  # peft prints 41,943,040
+        41943040
+        """
+        h, q, kv, f = self.hidden_size, self.q_width, self.kv_width, self.intermediate_size
+        per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + f) + (f + h)
+        return rank * per_layer * self.num_layers
+
     @property
     def largest_module_params(self) -> int:
         """Parameters owned directly by the largest module (DeepSpeed's ``largest_layer_params``)."""
@@ -256,8 +272,14 @@ class JobShape:
     """Allocator fragmentation margin, as a fraction of all other terms."""
     logit_bytes_per_element: float = 14.0
     """Peak bytes per (token, vocabulary entry) for the logits and their log-softmax (see module docstring)."""
+    lora_rank: int = 0
+    """LoRA rank on every linear layer of the blocks (0: full fine-tuning). Only the adapters have
+    gradients, fp32 master weights, Adam states and RACO shards; the frozen base keeps its bf16
+    parameters, and the reference is the base with adapters disabled (no resident copy)."""
 
     def __post_init__(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"JobShape.lora_rank must be >= 0 (0: full fine-tuning), got {self.lora_rank}")
         positive = ("nodes", "gpus_per_node", "num_objectives", "micro_batch", "seq_len", "sub_group_size")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -399,7 +421,9 @@ class MemoryPlan:
             f"offload {offload}, grad_accum {job.grad_accum_dtype}",
             f"batch: {job.micro_batch} rows x {job.seq_len} tokens per micro-batch, K={job.num_objectives} objectives, "
             f"checkpointing {'on' if job.activation_checkpointing else 'off'}, "
-            f"{'flash' if job.flash_attention else 'eager'} attention, reference {job.reference}",
+            f"{'flash' if job.flash_attention else 'eager'} attention, "
+            + (f"LoRA r={job.lora_rank} ({model.lora_params(job.lora_rank) / 1e6:.1f}M trainable), reference: "
+               "the base with adapters disabled" if job.lora_rank else f"reference {job.reference}"),
             "",
             f"{'per GPU':<34}{'GiB':>9}",
         ]
@@ -419,7 +443,9 @@ class MemoryPlan:
 
 def plan_memory(model: ModelShape, job: JobShape) -> MemoryPlan:
     """Compute the per-GPU and per-node memory of ``job`` training ``model`` (see the module docstring)."""
-    p, n = model.num_params, job.world_size
+    # t: trainable parameters (gradients, master weights, Adam, RACO shards); p: all parameters (bf16 copies).
+    adapters = model.lora_params(job.lora_rank) if job.lora_rank else 0
+    p, t, n = model.num_params + adapters, adapters or model.num_params, job.world_size
     accum = _DTYPE_BYTES[job.grad_accum_dtype]
     off_opt, off_param = job.offload_optimizer, job.offload_param
     gpu: dict[str, int] = {}
@@ -428,34 +454,34 @@ def plan_memory(model: ModelShape, job: JobShape) -> MemoryPlan:
     if job.zero_stage == 3:
         gpu["bf16 params (partition)"] = 0 if off_param else 2 * p // n
         gpu["gathered params (4 x largest)"] = 4 * model.largest_module_params
-        gpu["gradient partition"] = 0 if off_opt else accum * p // n
-        gpu["fp32 master (partition)"] = 0 if off_opt else 4 * p // n
-        gpu["Adam m, v (partition)"] = 0 if off_opt else 8 * p // n
+        gpu["gradient partition"] = 0 if off_opt else accum * t // n
+        gpu["fp32 master (partition)"] = 0 if off_opt else 4 * t // n
+        gpu["Adam m, v (partition)"] = 0 if off_opt else 8 * t // n
     elif job.zero_stage == 2 or off_opt:
         # ZeRO-1 with offload runs the same stage-1/2 optimizer as ZeRO-2.
         gpu["bf16 params (replicated)"] = 2 * p
-        gpu["gradients bf16+fp32 (partition)"] = 0 if off_opt else 6 * p // n
-        gpu["fp32 master (partition)"] = 0 if off_opt else 4 * p // n
-        gpu["Adam m, v (partition)"] = 0 if off_opt else 8 * p // n
+        gpu["gradients bf16+fp32 (partition)"] = 0 if off_opt else 6 * t // n
+        gpu["fp32 master (partition)"] = 0 if off_opt else 4 * t // n
+        gpu["Adam m, v (partition)"] = 0 if off_opt else 8 * t // n
     else:
         # ZeRO-1 + bf16 = BF16_Optimizer: full fp32 gradient on every rank (HOOKS.md).
         gpu["bf16 params (replicated)"] = 2 * p
-        gpu["fp32 gradients (replicated)"] = 4 * p
-        gpu["fp32 master (partition)"] = 4 * p // n
-        gpu["Adam m, v (partition)"] = 8 * p // n
+        gpu["fp32 gradients (replicated)"] = 4 * t
+        gpu["fp32 master (partition)"] = 4 * t // n
+        gpu["Adam m, v (partition)"] = 8 * t // n
     deepspeed_terms = tuple(gpu)
-    if job.zero_stage == 1 and not off_opt:
-        deepspeed_terms = ()  # DeepSpeed has no ZeRO-1 estimator
+    if (job.zero_stage == 1 and not off_opt) or job.lora_rank:
+        deepspeed_terms = ()  # DeepSpeed has no ZeRO-1 estimator, and its estimators train every parameter
 
     # --- what raco_ds and the run add ---
-    shard_bytes = job.num_objectives * accum * p // n
+    shard_bytes = job.num_objectives * accum * t // n
     if job.zero_stage == 1 and not off_opt:
-        shard_bytes = job.num_objectives * 4 * p // n  # BF16_Optimizer's partition is fp32
+        shard_bytes = job.num_objectives * 4 * t // n  # BF16_Optimizer's partition is fp32
     gpu[f"RACO shards (K={job.num_objectives})"] = 0 if off_opt else shard_bytes
-    if job.reference == "resident":
+    if job.reference == "resident" and not job.lora_rank:  # LoRA: the base with adapters disabled
         gpu["reference model (bf16)"] = 2 * p // n if job.zero_stage == 3 else 2 * p
     if job.zero_stage == 3 and not off_opt:
-        gpu["optimizer step workspace"] = 4 * min(job.sub_group_size, math.ceil(p / n))
+        gpu["optimizer step workspace"] = 4 * min(job.sub_group_size, math.ceil(t / n))
     gpu["activations"] = activation_bytes(model, job)
     gpu["logits + log-softmax"] = logits_bytes(model, job)
     gpu["fragmentation margin"] = int(job.fragmentation * sum(gpu.values()))
@@ -464,8 +490,8 @@ def plan_memory(model: ModelShape, job: JobShape) -> MemoryPlan:
     # --- host, per node ---
     host: dict[str, int] = {}
     if off_opt:
-        per_param = 16 + (2 if off_param else 0)  # fp32 master 4 + Adam 8 + fp32 grad 4 (+ bf16 params 2)
-        host["offloaded model states x1.5"] = int(per_param * p / job.nodes * _DS_HOST_BUFFER_FACTOR)
+        states = 16 * t + (2 * p if off_param else 0)  # fp32 master 4 + Adam 8 + fp32 grad 4 (+ bf16 params 2)
+        host["offloaded model states x1.5"] = int(states / job.nodes * _DS_HOST_BUFFER_FACTOR)
         host[f"RACO shards (K={job.num_objectives})"] = shard_bytes * job.gpus_per_node
     elif job.zero_stage == 3:
         # zero.Init builds the model partitioned: the peak is one module in fp32 per rank.
