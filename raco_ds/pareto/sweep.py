@@ -508,7 +508,7 @@ def _write_outputs(cfg: SweepConfig, outcomes: list[PointOutcome]) -> tuple[dict
     if stats:
         files["png"] = plot_sweep(
             stats, out / "pareto.png", objectives=cfg.objectives, metric_labels=[str(spec) for spec in specs],
-            title=f"sweep ({', '.join(stats)}; {max(len(cfg.seeds), 1)} seed(s)); point labels: weights "
+            title=f"sweep ({', '.join(stats)}; seeds {sorted({r.seed for r in runs})}); point labels: weights "
                   f"({','.join(cfg.objectives)})",
         )
     return summary, files
