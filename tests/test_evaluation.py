@@ -16,7 +16,7 @@ import torch
 
 from raco_ds.evaluation import ItemValues, cluster_counts, estimate, estimates, preference_items
 from raco_ds.evaluation.generation import GenerationConfig, generate
-from raco_ds.evaluation.judges import JudgeContext, build_judge, register_judge
+from raco_ds.evaluation.judges import JUDGES, JudgeContext, build_judge, register_judge
 from raco_ds.losses import preference_losses
 from raco_ds.pareto.statistics import MetricSpec, RunData, curve_roughness, sweep_statistics
 
@@ -231,9 +231,12 @@ def test_judge_registry_names_unknown_kinds_and_takes_new_judges():
         return Exclamations()
 
     register_judge("test_exclamations")(factory)
-    assert build_judge("test_exclamations", JudgeContext()).score([]) == []
-    with pytest.raises(ValueError, match="already registered"):
-        register_judge("test_exclamations")(factory)
+    try:
+        assert build_judge("test_exclamations", JudgeContext()).score([]) == []
+        with pytest.raises(ValueError, match="already registered"):
+            register_judge("test_exclamations")(factory)
+    finally:
+        JUDGES.pop("test_exclamations")  # the registry is global: leave it as the other tests expect
 
 
 # ---------------------------------------------------------------------------
