@@ -192,12 +192,14 @@ def heldout_items(
 def format_intervals(intervals: dict[str, Estimate], names: Sequence[str], metrics: Sequence[str]) -> str:
     """A table of ``metric[subset]/objective`` estimates with their 95% intervals and pair counts."""
     labels = {"": "all pairs", "_disagree": "objectives disagree", "_agree": "objectives agree"}
-    lines = [f"  {'objective':<14}{'metric':<10}" + "".join(f"{labels[s]:>30}" for s in SUBSETS)]
+    width = 32  # "-0.288 [-0.411, -0.039] (n=18)" and a separating space
+    lines = [f"  {'objective':<14}{'metric':<10}" + "".join(f"{labels[s]:>{width}}" for s in SUBSETS)]
     for name in names:
         for metric in metrics:
             cells = []
             for suffix in SUBSETS:
                 est = intervals.get(f"{metric}{suffix}/{name}")
-                cells.append(f"{'-':>30}" if est is None or not est.n else f"{f'{est} (n={est.n})':>30}")
+                text = "-" if est is None or not est.n else f"{est} (n={est.n})"
+                cells.append(" " + f"{text:>{width - 1}}")
             lines.append(f"  {name if metric == metrics[0] else '':<14}{metric:<10}" + "".join(cells))
     return "\n".join(lines)
