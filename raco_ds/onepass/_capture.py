@@ -113,7 +113,7 @@ class SelfCheck:
 
     def raise_if_failed(self) -> None:
         """Raise :class:`OnePassMismatchError` with :meth:`describe` unless the check passed or was inconclusive."""
-        if self.mismatches and not self.inconclusive:
+        if not self.passed and not self.inconclusive:
             raise OnePassMismatchError("one-pass capture self-check failed: " + self.describe())
 
 
@@ -347,7 +347,7 @@ class OnePassCapture:
         if self._active:
             raise RuntimeError("one-pass capture: record() is not re-entrant")
         if self._failed is not None:
-            raise OnePassMismatchError("one-pass capture self-check failed: " + self._failed.describe())
+            self._failed.raise_if_failed()
         self._check_trainable_unchanged()
         self._enter_pass(rows)
         try:
@@ -405,7 +405,7 @@ class OnePassCapture:
         self._checked_at = self._steps
         if not result.passed:
             self._failed = result  # record()'s exit restores the parameters' flags
-            raise OnePassMismatchError("one-pass capture self-check failed: " + result.describe())
+            result.raise_if_failed()
 
     def _checked(self, row_scores: Callable[[], torch.Tensor]) -> SelfCheck:
         """:meth:`self_check`, with an error inside it reported as a failed check, combined across ranks."""
@@ -510,8 +510,9 @@ class OnePassCapture:
         two dense gradients of the trainable parameters.
 
         Under autograd the parameters must require grad, so call it outside
-        :meth:`record`; reentrant activation checkpointing cannot run
-        ``torch.autograd.grad`` (use the non-reentrant variant).
+        :meth:`record`. Under reentrant activation checkpointing, which cannot run
+        ``torch.autograd.grad``, the reference is a plain backward, refused where it
+        would fire gradient hooks (DeepSpeed's): use the non-reentrant variant there.
         """
         if self._active:
             raise RuntimeError("one-pass capture: self_check() runs its own passes; call it outside record()")
