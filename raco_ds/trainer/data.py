@@ -24,6 +24,8 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +56,9 @@ class DataSplit:
     eval_users: dict[int, str] | None = None
     """Held-out pair index -> the last user turn of its prompt as plain text (for judges that
     render conversations in their own format); None when the split was made without texts."""
+    eval_prompts: dict[int, str] | None = None
+    """Held-out pair index -> its whole prompt (every turn) as one string: the identity of a prompt
+    however truncation rendered it in each pair; None when the split was made without texts."""
 
     def describe(self) -> str:
         """One log line: the split's sizes and the no-leak guarantee."""
@@ -144,9 +149,12 @@ def split_pairs(
                 "leaves none to train on. Lower --data.num_eval_pairs or use more data"
             )
         train_pools.append(rest if cfg.data.num_train_pairs is None else rest[: cfg.data.num_train_pairs])
-    users = None if pairs is None else {
-        i: next((m["content"] for m in reversed(pairs[i].prompt) if m["role"] == "user"), "") for i in eval_indices}
-    return DataSplit(train_pools, eval_indices, len(held_out), list(groups), users)
+    users = prompts = None
+    if pairs is not None:
+        users = {i: next((m["content"] for m in reversed(pairs[i].prompt) if m["role"] == "user"), "")
+                 for i in eval_indices}
+        prompts = {i: json.dumps(pairs[i].prompt, sort_keys=True) for i in eval_indices}
+    return DataSplit(train_pools, eval_indices, len(held_out), list(groups), users, prompts)
 
 
 class BatchStream:
