@@ -371,18 +371,21 @@ def _padded_vocab(model_chunks: Sequence[Any], tp: int, fallback: int) -> int:
 
 
 class _SafetensorsFolder:
-    """Read tensors by name from an HF folder's ``model.safetensors`` or its sharded index."""
+    """Read tensors by name from an HF folder's ``model.safetensors`` or its sharded index.
+
+    ``files`` maps a name to (file, name stored in that file): an alias reads another stored tensor.
+    """
 
     def __init__(self, folder: Path) -> None:
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: folder / file for name, file in weight_map.items()}
+            self.files = {name: (folder / file, name) for name, file in weight_map.items()}
         elif (folder / "model.safetensors").is_file():
             from safetensors import safe_open
 
             with safe_open(folder / "model.safetensors", framework="pt") as f:
-                self.files = {name: folder / "model.safetensors" for name in f.keys()}
+                self.files = {name: (folder / "model.safetensors", name) for name in f.keys()}
         else:
             raise FileNotFoundError(
                 f"{folder} has no model.safetensors or model.safetensors.index.json; re-save the model with "
@@ -392,8 +395,9 @@ class _SafetensorsFolder:
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
-        with safe_open(self.files[name], framework="pt") as f:
-            return f.get_tensor(name)
+        file, stored = self.files[name]
+        with safe_open(file, framework="pt") as f:
+            return f.get_tensor(stored)
 
 
 def load_hf_into_megatron(model_chunks: Sequence[Any], hf_path: str | Path) -> None:
