@@ -20,6 +20,7 @@ Run: ``pytest tests/test_megatron_hf.py`` (the slow SmolLM2 test: ``-m slow``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,7 @@ from multirank import run_ranks
 # (Qwen2 / Llama); a swapped gate/up or un-interleaved QKV gives 0.7 / 1.0-1.4. See docs/megatron.md.
 LOGITS_RTOL = 1e-5
 SEQ, BATCH = 12, 2
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _tiny_hf_folder(kind: str, folder: Path) -> Path:
@@ -111,7 +113,8 @@ def _round_trip_mismatches(original: Path, exported: Path) -> list[str]:
     return sorted(n for n in a.keys() | b.keys() if n not in a or n not in b or not torch.equal(a[n], b[n]))
 
 
-def _body(rank: int, world_size: int, layouts: list, folders: dict, out_root: str) -> dict:
+def _body(rank: int, world_size: int, cases: list, out_root: str) -> dict:
+    """For each (tp, pp, kind, HF folder): load, compare logits, export, compare the export with the original."""
     import megatron_shim
     import torch
     from megatron.core import parallel_state as ps
@@ -121,39 +124,64 @@ def _body(rank: int, world_size: int, layouts: list, folders: dict, out_root: st
 
     megatron_shim.install()
     results = {}
-    for tp, pp in layouts:
+    for tp, pp, kind, folder in cases:
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        for kind, folder in folders.items():
-            vocab = AutoConfig.from_pretrained(folder).vocab_size
-            ids = _input_ids(vocab)
-            spec = config_from_hf(folder, tensor_parallel=tp, pipeline_parallel=pp)
-            model = spec.build_model()
-            load_hf_into_megatron([model], folder)
-            logits = _megatron_logits(model, ids, vocab)
-            key = f"{kind}/tp{tp}pp{pp}"
-            if logits is not None:
-                reference = _hf_logits(Path(folder), ids)
-                results[key + "/logits_rel"] = float((logits - reference).abs().max() / reference.abs().max())
-            out = Path(out_root, key.replace("/", "-"))
-            written = export_megatron_to_hf([model], out, spec.hf_config, tokenizer=None)
-            if written is not None:
-                results[key + "/mismatched"] = _round_trip_mismatches(Path(folder), written)
-                results[key + "/reload_equal"] = torch.equal(_hf_logits(written, ids), _hf_logits(Path(folder), ids))
+        vocab = AutoConfig.from_pretrained(folder).vocab_size
+        ids = _input_ids(vocab)
+        spec = config_from_hf(folder, tensor_parallel=tp, pipeline_parallel=pp)
+        model = spec.build_model()
+        load_hf_into_megatron([model], folder)
+        logits = _megatron_logits(model, ids, vocab)
+        key = f"{kind}/tp{tp}pp{pp}"
+        if logits is not None:
+            reference = _hf_logits(Path(folder), ids)
+            results[key + "/logits_rel"] = float((logits - reference).abs().max() / reference.abs().max())
+        out = Path(out_root, key.replace("/", "-"))
+        tokenizer = folder if Path(folder, "tokenizer.json").is_file() else None
+        written = export_megatron_to_hf([model], out, spec.hf_config, tokenizer=tokenizer)
+        if written is not None:
+            results[key + "/mismatched"] = _round_trip_mismatches(Path(folder), written)
+            results[key + "/reload_equal"] = torch.equal(_hf_logits(written, ids), _hf_logits(Path(folder), ids))
         ps.destroy_model_parallel()
     return results
 
 
+def _eval_launcher():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_launcher", REPO / "launchers" / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check(merged: dict, key: str) -> None:
+    assert merged[key + "/logits_rel"] < LOGITS_RTOL, (key, merged[key + "/logits_rel"])
+    assert merged[key + "/mismatched"] == [], key
+    assert merged[key + "/reload_equal"], key
+
+
 def test_tiny_models_convert_exactly_at_tp1_tp2_pp2(tmp_path: Path) -> None:
+    from raco_ds.models import resolve_model_path
+
     folders = {kind: str(_tiny_hf_folder(kind, tmp_path / kind)) for kind in ("llama", "qwen2")}
     layouts = [(1, 1), (2, 1), (1, 2)]
-    per_rank = run_ranks(_body, 2, layouts, folders, str(tmp_path / "exports"))
+    # The packaged tiny model (with its tokenizer) once, at TP=2: its export must pass launchers/eval.py.
+    cases = [(tp, pp, kind, folder) for tp, pp in layouts for kind, folder in folders.items()]
+    cases.append((2, 1, "tiny", resolve_model_path("tiny")))
+    per_rank = run_ranks(_body, 2, cases, str(tmp_path / "exports"))
     merged = {k: v for r in per_rank for k, v in r.items()}
-    for kind in folders:
-        for tp, pp in layouts:
-            key = f"{kind}/tp{tp}pp{pp}"
-            assert merged[key + "/logits_rel"] < LOGITS_RTOL, (key, merged[key + "/logits_rel"])
-            assert merged[key + "/mismatched"] == [], key
-            assert merged[key + "/reload_equal"], key
+    for tp, pp, kind, _ in cases:
+        _check(merged, f"{kind}/tp{tp}pp{pp}")
+
+    report = tmp_path / "eval.json"
+    exported = tmp_path / "exports" / "tiny-tp2pp1"
+    code = _eval_launcher().main(["--model", str(exported), "--preset", "tiny", "--data.num_eval_pairs", "8",
+                                  "--output", str(report)])
+    assert code == 0
+    metrics = json.loads(report.read_text())["metrics"]
+    # The preset's reference is the original tiny model: an exact export scores exactly like it.
+    assert metrics["margin"] == [0.0, 0.0] and metrics["kl_proxy"] == [0.0, 0.0]
 
 
 @pytest.mark.slow
@@ -161,15 +189,37 @@ def test_smollm2_converts_exactly_at_tp1_and_tp3(tmp_path: Path) -> None:
     from raco_ds.smollm2 import ensure_smollm2
 
     try:
-        folder = ensure_smollm2()
+        folder = str(ensure_smollm2())
     except FileNotFoundError as missing:
         pytest.skip(str(missing))
-    per_rank = run_ranks(_body, 3, [(1, 1), (3, 1)], {"smollm2": str(folder)}, str(tmp_path))
+    cases = [(1, 1, "smollm2", folder), (3, 1, "smollm2", folder)]
+    per_rank = run_ranks(_body, 3, cases, str(tmp_path))
     merged = {k: v for r in per_rank for k, v in r.items()}
-    for layout in ("tp1pp1", "tp3pp1"):
-        assert merged[f"smollm2/{layout}/logits_rel"] < LOGITS_RTOL, merged
-        assert merged[f"smollm2/{layout}/mismatched"] == []
-        assert merged[f"smollm2/{layout}/reload_equal"]
+    for tp, pp, kind, _ in cases:
+        _check(merged, f"{kind}/tp{tp}pp{pp}")
+
+
+def test_rejects_a_folder_without_safetensors(tmp_path: Path) -> None:
+    from transformers import LlamaConfig
+
+    from raco_ds.megatron.hf import load_hf_into_megatron
+
+    LlamaConfig(num_hidden_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="safe_serialization=True"):
+        load_hf_into_megatron([], tmp_path)
+
+
+def test_rejects_weights_that_do_not_match_the_config(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from raco_ds.megatron.hf import load_hf_into_megatron
+
+    folder = _tiny_hf_folder("llama", tmp_path)
+    config = AutoConfig.from_pretrained(folder)
+    config.num_hidden_layers = 3
+    config.save_pretrained(folder)
+    with pytest.raises(ValueError, match=r"missing \['model.layers.2"):
+        load_hf_into_megatron([], folder)
 
 
 @pytest.mark.parametrize(
