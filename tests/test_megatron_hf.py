@@ -243,3 +243,15 @@ def test_rejects_what_the_llama_block_would_compute_differently(change: dict, ma
         setattr(config, field, value)
     with pytest.raises(ValueError, match=match):
         config_from_hf(config, tensor_parallel=2)
+
+
+def test_rejects_overriding_what_the_weights_decide() -> None:
+    from transformers import LlamaConfig
+
+    from raco_ds.megatron.hf import config_from_hf
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=99)
+    with pytest.raises(ValueError, match=r"\['num_layers'\] follow from the HF config"):
+        config_from_hf(config, num_layers=1)
+    assert config_from_hf(config, hidden_dropout=0.1).transformer_config.hidden_dropout == 0.1

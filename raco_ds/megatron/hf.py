@@ -207,6 +207,13 @@ def config_from_hf(
         params_dtype=_DTYPES[dtype], pipeline_dtype=_DTYPES[dtype], bf16=dtype == "bf16",
         use_cpu_initialization=not torch.cuda.is_available(),
     )
+    # Fields the weights decide (and the parallel sizes, given above) cannot be overridden.
+    fixed = sorted(set(overrides) & (set(fields) - {"hidden_dropout", "attention_dropout", "use_cpu_initialization"}))
+    if fixed:
+        raise ValueError(
+            f"config_from_hf: {fixed} follow from the HF config or this function's arguments and cannot be "
+            "overridden; pass tensor_parallel/pipeline_parallel/dtype, or edit the HF config"
+        )
     fields.update(overrides)
     return HFGPTSpec(
         hf_config=c, transformer_config=TransformerConfig(**fields),
@@ -348,6 +355,17 @@ def _global_parameters(model_chunks: Sequence[Any]) -> Iterator[tuple[str, torch
             yield ".".join(parts), param
 
 
+def _check_layer_count(model_chunks: Sequence[Any], hf_config: Any) -> None:
+    """A model with fewer layers than the HF config would load (and export) part of it without an error."""
+    for chunk in model_chunks:
+        layers = _unwrap(chunk).config.num_layers
+        if layers != hf_config.num_hidden_layers:
+            raise ValueError(
+                f"the Megatron model has num_layers={layers}, the HF config num_hidden_layers="
+                f"{hf_config.num_hidden_layers}; build it with config_from_hf(...).build_model()"
+            )
+
+
 def _tp() -> tuple[int, int, Any]:
     from megatron.core import parallel_state as ps
 
@@ -427,6 +445,7 @@ def load_hf_into_megatron(model_chunks: Sequence[Any], hf_path: str | Path) -> N
             f"{hf_path}: the weights do not match the Llama block of its config: missing "
             f"{sorted(expected - present)[:5]}, unused {sorted(present - expected)[:5]}"
         )
+    _check_layer_count(model_chunks, hf_config)
     tp, tp_rank, _ = _tp()
     geometry = _Geometry.of(hf_config, _padded_vocab(model_chunks, tp, hf_config.vocab_size), tp)
     with torch.no_grad():
@@ -515,6 +534,7 @@ def export_megatron_to_hf(
     config = _load_hf_config(hf_config)
     tp, _, _ = _tp()
     _check_architecture(config, tp)
+    _check_layer_count(model_chunks, config)
     # Data-parallel replicas are identical; only replica 0 of each (TP, PP) position contributes.
     on_replica0 = ps.get_data_parallel_rank(with_context_parallel=True) == 0
     mine = _stage_hf_tensors(model_chunks, config) if on_replica0 else {}
