@@ -255,3 +255,16 @@ def test_rejects_overriding_what_the_weights_decide() -> None:
     with pytest.raises(ValueError, match=r"\['num_layers'\] follow from the HF config"):
         config_from_hf(config, num_layers=1)
     assert config_from_hf(config, hidden_dropout=0.1).transformer_config.hidden_dropout == 0.1
+
+
+def test_load_rejects_an_architecture_the_llama_block_does_not_compute(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from raco_ds.megatron.hf import load_hf_into_megatron
+
+    folder = _tiny_hf_folder("llama", tmp_path)
+    config = AutoConfig.from_pretrained(folder)
+    config.hidden_act = "gelu"
+    config.save_pretrained(folder)
+    with pytest.raises(ValueError, match="hidden_act='gelu'"):
+        load_hf_into_megatron([], folder)

@@ -430,6 +430,9 @@ def load_hf_into_megatron(model_chunks: Sequence[Any], hf_path: str | Path) -> N
     """
     hf_path = Path(hf_path)
     hf_config = _load_hf_config(hf_path)
+    # The weights alone cannot show an activation or bias the Llama block lacks; TP divisibility
+    # shows as a shape mismatch below.
+    _check_architecture(hf_config, tensor_parallel=1)
     folder = _SafetensorsFolder(hf_path)
     qkv_bias = any(name.endswith("self_attn.q_proj.bias") for name in folder.files)
     expected = _expected_hf_names(hf_config, qkv_bias)
