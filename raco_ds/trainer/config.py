@@ -131,11 +131,25 @@ class DataConfig:
     """Which preference data, how it is tokenised, and the held-out split."""
 
     dataset: str = "helpsteer"
-    """A raco_ds.data preset ("pku_saferlhf": shared pairs; "hh_rlhf": per-objective pairs;
-    "helpsteer") or a path to a JSON-lines file in TRL preference format."""
+    """What DPOTrainer's train_dataset is in TRL. A bundled sample ("helpsteer"; "pku_saferlhf": shared pairs;
+    "hh_rlhf": per-objective pairs), a full Hub data set with a preset (PKU-Alignment/PKU-SafeRLHF,
+    Anthropic/hh-rlhf, nvidia/HelpSteer, nvidia/HelpSteer2, openai/summarize_from_feedback; docs/data.md),
+    any other Hub name or local folder laid out like a Hub repository (read by datasets.load_dataset, TRL
+    prompt/chosen/rejected columns, objective "preference"), or a local jsonl/json/parquet file or
+    save_to_disk folder in TRL format."""
     data_dir: str | None = None
-    """Folder holding the preset's files under their bundled names (e.g. a full PKU-SafeRLHF export
-    as pku_saferlhf_sample.jsonl). None: the bundled samples (data/)."""
+    """Folder holding the preset's files: for a bundled sample, files under their bundled names (e.g. a full
+    PKU-SafeRLHF export as pku_saferlhf_sample.jsonl); for a Hub preset, a local copy of its Hub repository
+    (huggingface_hub.snapshot_download). None: the bundled samples (data/), or the Hub."""
+    config_name: str | None = None
+    """The Hub configuration (load_dataset's name, e.g. alpaca-7b for PKU-SafeRLHF); None: the default one."""
+    split: str | None = None
+    """The split read through load_dataset; None: the preset's (train)."""
+    revision: str | None = None
+    """The Hub revision (branch, tag or commit) read through load_dataset; None: the preset's (main)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column renames before parsing, {name in the data: name raco_ds reads}, e.g. {question: prompt}
+    (a Hub name or Hub-layout folder only)."""
     max_length: int = 192
     """Tokens per row (prompt + response); longer rows are truncated."""
     max_prompt_length: int = 64
@@ -153,6 +167,14 @@ class DataConfig:
     skip_invalid: bool = False
     """Skip malformed data rows (counted and summarised in one warning) instead of stopping at the
     first one with its file:row:field."""
+
+    def spec(self, objectives: list[str]) -> Any:
+        """The :class:`~raco_ds.data.objectives.DatasetSpec` these options name, with ``objectives`` selected."""
+        from raco_ds.data.objectives import resolve_dataset  # here: configs parse before the data code loads
+
+        return resolve_dataset(self.dataset, objectives=objectives, data_dir=self.data_dir,
+                               config_name=self.config_name, split=self.split, revision=self.revision,
+                               columns=self.columns)  # fmt: skip
 
 
 @dataclass(kw_only=True)

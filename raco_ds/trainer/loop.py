@@ -265,25 +265,11 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
     """Load, tokenise and split the run's data; return (dataset, collator, split, per-rank batch streams)."""
     from raco_ds.data.batch import PreferenceCollator
     from raco_ds.data.loading import load_preference_data
-    from raco_ds.data.objectives import PRESETS as DATA_PRESETS
-    from raco_ds.data.objectives import get_preset, trl_spec
     from raco_ds.data.tokenization import TokenizationConfig, tokenize_preference_data
     from raco_ds.trainer.data import BatchStream, split_pairs
 
     dc = cfg.data
-    if dc.dataset in DATA_PRESETS:
-        spec = get_preset(dc.dataset, data_dir=dc.data_dir)
-    elif Path(dc.dataset).exists():
-        spec = trl_spec([dc.dataset])
-    else:
-        raise ConfigError(
-            f"data.dataset={dc.dataset!r} is neither a preset {sorted(DATA_PRESETS)} nor an existing file"
-        )
-    if list(spec.objective_names) != list(cfg.objectives.names):
-        raise ConfigError(
-            f"objectives.names={cfg.objectives.names} but data {dc.dataset!r} has objectives "
-            f"{list(spec.objective_names)}; pass --objectives {','.join(spec.objective_names)}"
-        )
+    spec = dc.spec(cfg.objectives.names)
     pairs = load_preference_data(spec, skip_invalid=True if dc.skip_invalid else None)  # None: the preset's own
     dataset = tokenize_preference_data(
         pairs, tokenizer, TokenizationConfig(max_length=dc.max_length, max_prompt_length=dc.max_prompt_length)
