@@ -396,7 +396,7 @@ def select_objectives(spec: DatasetSpec, names: Sequence[str]) -> DatasetSpec:
     if unknown:
         raise DataError(
             f"objectives {unknown} are not in this data set, which has {list(available)}; "
-            f"pass e.g. --objectives {','.join(list(available)[:2])}"
+            f"pass --objectives {','.join(list(available)[:max(len(names), 2)])} (any of its objectives, in any order)"
         )
     return dataclasses.replace(spec, objectives=tuple(available[name] for name in names))
 

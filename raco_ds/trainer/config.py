@@ -171,10 +171,14 @@ class DataConfig:
     def spec(self, objectives: list[str]) -> Any:
         """The :class:`~raco_ds.data.objectives.DatasetSpec` these options name, with ``objectives`` selected."""
         from raco_ds.data.objectives import resolve_dataset  # here: configs parse before the data code loads
+        from raco_ds.data.records import DataError
 
-        return resolve_dataset(self.dataset, objectives=objectives, data_dir=self.data_dir,
-                               config_name=self.config_name, split=self.split, revision=self.revision,
-                               columns=self.columns)  # fmt: skip
+        try:
+            return resolve_dataset(self.dataset, objectives=objectives, data_dir=self.data_dir,
+                                   config_name=self.config_name, split=self.split, revision=self.revision,
+                                   columns=self.columns)  # fmt: skip
+        except DataError as err:  # a name or option that matches no data: the config's to fix
+            raise ConfigError(str(err)) from None
 
 
 @dataclass(kw_only=True)
@@ -253,18 +257,29 @@ class OptimisationConfig:
 
 @dataclass(kw_only=True)
 class LoggingConfig:
-    """Console, TensorBoard and held-out evaluation."""
+    """Console, trackers (TensorBoard, wandb) and held-out evaluation."""
 
     eval_every: int = 0
-    """Held-out evaluation every N steps (0: only before and after training)."""
+    """Held-out evaluation every N steps (0: only before and after training). TRL: eval_steps."""
     eval_batch_size: int = 8
     """Pairs per evaluation batch per rank."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where scalars go, as in transformers/TRL: "tensorboard" (event files under <output_dir>/tensorboard),
+    "wandb" (Weights & Biases; WANDB_MODE, WANDB_PROJECT, WANDB_DIR apply; needs pip install wandb), both
+    (tensorboard,wandb), or "none". The same scalar names in each; rank 0 only."""
+    run_name: str | None = None
+    """The run's name in wandb (TRL: run_name); None: the output folder's name."""
     tensorboard: bool = True
-    """Write TensorBoard event files under <output_dir>/tensorboard (rank 0 only)."""
+    """False turns TensorBoard off even when report_to names it (kept for configs written before
+    report_to)."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
     log_every: int = 1
-    """Write training scalars every N steps."""
+    """Write training scalars every N steps. TRL: logging_steps."""
+
+    def trackers(self) -> list[str]:
+        """The trackers that receive scalars (report_to, without tensorboard when tensorboard is false)."""
+        return [name for name in self.report_to if name != "none" and (name != "tensorboard" or self.tensorboard)]
 
 
 @dataclass(kw_only=True)
@@ -475,11 +490,24 @@ def _validate(cfg: TrainConfig) -> None:
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
     cfg.debug.nonfinite_target(names)
+    _validate_report_to(cfg.logging.report_to)
     if cfg.model.trainable_last_blocks < -1:
         raise ConfigError(
             f"model.trainable_last_blocks must be -1 (all) or >= 0, got {cfg.model.trainable_last_blocks}"
         )
     _validate_lora(cfg.model)
+
+
+def _validate_report_to(report_to: list[str]) -> None:
+    from raco_ds.trainer.trackers import TRACKERS  # here: trackers.py imports this module
+
+    allowed = [*TRACKERS, "none"]
+    unknown = [name for name in report_to if name not in allowed]
+    if unknown or not report_to:
+        raise ConfigError(f"logging.report_to={report_to} names {unknown or 'nothing'}; use one or more of "
+                          f"{allowed}, e.g. --logging.report_to tensorboard,wandb")  # fmt: skip
+    if "none" in report_to and len(report_to) > 1:
+        raise ConfigError(f"logging.report_to={report_to} mixes none with trackers; pass none alone, or drop it")
 
 
 def _validate_lora(model: ModelConfig) -> None:
@@ -763,4 +791,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     cli: dict[str, Any] = {}
     for dotted, value in overrides.items():
         _set_dotted(cli, dotted, value)
-    return config_from_dict(cli, source="the command line", base=data)
+    cfg = config_from_dict(cli, source="the command line", base=data)
+    from raco_ds.trainer.trackers import require_tracker_packages
+
+    require_tracker_packages(cfg.logging.trackers())  # a missing wandb must not cost a DeepSpeed start-up
+    return cfg

@@ -43,7 +43,8 @@ import torch.distributed as dist
 
 from raco_ds.diskcache import atomic_file
 from raco_ds.trainer.config import ConfigError, TrainConfig, save_config
-from raco_ds.trainer.metrics import TAGS, MetricsWriter, memory_scalars, raco_scalars
+from raco_ds.trainer.metrics import TAGS, memory_scalars, raco_scalars
+from raco_ds.trainer.trackers import open_trackers
 
 __all__ = ["RunResult", "TooManySkippedSteps", "train"]
 
@@ -646,8 +647,7 @@ def train(cfg: TrainConfig, stopper=None) -> RunResult:
         if latest is None and cfg.checkpointing.resume:
             logger.info("--resume: no complete checkpoint in %s; starting from step 0", ckpt_root)
 
-        writer = MetricsWriter(out / "tensorboard", enabled=cfg.logging.tensorboard, rank=rank,
-                               purge_step=step + 1 if step else None)  # fmt: skip
+        writer = open_trackers(cfg, out, rank=rank, purge_step=step + 1 if step else None)
         metrics_file = out / "metrics.jsonl"
         if rank == 0:
             _truncate_jsonl(metrics_file, step)
