@@ -84,13 +84,13 @@ class LoraAdapterConfig:
     """LoRA adapters through the peft library (r > 0): only the adapters train; the frozen base is the reference."""
 
     r: int = 0
-    """Adapter rank; 0 disables LoRA (then model.trainable_last_blocks decides what trains). With r > 0 every
+    """Adapter rank (TRL: peft_config=LoraConfig(r=...)); 0 disables LoRA (then model.trainable_last_blocks decides what trains). With r > 0 every
     base weight is frozen and adapters go on the linear layers of the last model.trainable_last_blocks blocks
     (-1: all blocks); train_final_norm and train_embeddings do not apply."""
     alpha: float = 16.0
-    """Scaling numerator: the adapter's output is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    """LoraConfig's lora_alpha. Scaling numerator: the adapter's output is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
     dropout: float = 0.0
-    """Dropout on the adapters' input (replayed exactly by one-pass capture's self-check)."""
+    """LoraConfig's lora_dropout. Dropout on the adapters' input (replayed exactly by one-pass capture's self-check)."""
     target_modules: list[str] | None = None
     """Names (last component, e.g. q_proj,v_proj) of the block linear layers that get adapters. None: every
     linear layer of the blocks (attention and MLP; never the embeddings or the LM head)."""
@@ -106,14 +106,15 @@ class ModelConfig:
     """Which model to train and which of its parameters move."""
 
     name_or_path: str = "smollm2-135m"
-    """A local HF folder, or a short name known to raco_ds.models ("smollm2-135m": the packaged
+    """The model to train (TRL: DPOTrainer's model; the frozen initial model is the reference, ref_model=None).
+    A local HF folder, or a short name known to raco_ds.models ("smollm2-135m": the packaged
     SmolLM2-135M-Instruct; "tiny": a tiny random Llama with a locally trained tokenizer)."""
     dtype: str = "fp32"
-    """Parameter dtype: "fp32" or "bf16" (fills the DeepSpeed config's bf16/fp16 "auto"
+    """Parameter dtype (TRL: bf16=True is "bf16"): "fp32" or "bf16" (fills the DeepSpeed config's bf16/fp16 "auto"
     fields; fp16 is refused: its loss scaling would rescale each objective differently). CPUs want
     fp32; GPUs want bf16."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward to save memory (slower; for long sequences on GPU)."""
+    """TRL: gradient_checkpointing. Recompute activations in the backward to save memory (slower; for long sequences on GPU)."""
     trainable_last_blocks: int = 4
     """Train only the last N transformer blocks (plus the final norm if train_final_norm); -1 trains
     every parameter. Freezing the bottom of the network also stops the backward there, which is
@@ -151,9 +152,10 @@ class DataConfig:
     """Column renames before parsing, {name in the data: name raco_ds reads}, e.g. {question: prompt}
     (a Hub name or Hub-layout folder only)."""
     max_length: int = 192
-    """Tokens per row (prompt + response); longer rows are truncated."""
+    """Tokens per row (prompt + response); longer rows are truncated. TRL: max_length."""
     max_prompt_length: int = 64
-    """Prompt tokens kept (from the end of the prompt) before the response."""
+    """Prompt tokens kept (from the end of the prompt, TRL's truncation_mode keep_end) before the response.
+    TRL: max_prompt_length."""
     num_train_pairs: int | None = 96
     """Use at most this many training pairs (None: all but the held-out pairs)."""
     num_eval_pairs: int = 64
@@ -196,11 +198,13 @@ class LossConfig:
     """The per-objective preference loss."""
 
     name: str = "dpo"
-    """A raco_ds.losses registry name: "dpo", "ipo", "hinge", "simpo" (reference-free)."""
+    """A raco_ds.losses registry name: "dpo", "ipo", "hinge", "simpo" (reference-free). TRL: loss_type
+    ("sigmoid" is "dpo"; CPOTrainer's "simpo" is "simpo")."""
     beta: float = 0.2
-    """Inverse temperature (0.2 is the RACO paper's value; SimPO wants ~2.0)."""
+    """Inverse temperature (0.2 is the RACO paper's value; SimPO wants ~2.0). TRL: beta."""
     options: dict[str, float] = field(default_factory=dict)
-    """Loss-specific options, e.g. {label_smoothing: 0.1} for dpo or {gamma: 0.5} for simpo."""
+    """Loss-specific options, e.g. {label_smoothing: 0.1} for dpo (TRL: label_smoothing) or {gamma: 0.5} for
+    simpo."""
 
 
 @dataclass(kw_only=True)
@@ -232,27 +236,29 @@ class OptimisationConfig:
     """Optimizer, schedule, batch arithmetic and the step budget."""
 
     max_steps: int = 12
-    """Optimizer steps to train."""
+    """Optimizer steps to train. TRL: max_steps (there is no num_train_epochs: pools cycle in seeded epochs)."""
     micro_batch_size: int = 4
-    """Pairs per micro-batch per rank (fills DeepSpeed's train_micro_batch_size_per_gpu)."""
+    """Pairs per micro-batch per rank (fills DeepSpeed's train_micro_batch_size_per_gpu). TRL:
+    per_device_train_batch_size."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per objective per optimizer step (fills DeepSpeed's gradient_accumulation_steps)."""
+    """Micro-batches per objective per optimizer step (fills DeepSpeed's gradient_accumulation_steps). TRL:
+    gradient_accumulation_steps."""
     lr: float = 1.5e-4
-    """Peak learning rate (fills the DeepSpeed optimizer's and scheduler's "auto" lr)."""
+    """Peak learning rate (fills the DeepSpeed optimizer's and scheduler's "auto" lr). TRL: learning_rate."""
     warmup_steps: int = 0
-    """With N > 0: DeepSpeed's WarmupDecayLR warms up linearly from 0 over N steps (its first step
+    """TRL: warmup_steps. With N > 0: DeepSpeed's WarmupDecayLR warms up linearly from 0 over N steps (its first step
     runs at lr 0), then decays linearly to 0 at max_steps. With 0: a constant lr (that schedule
     decays towards its start value, so starting at lr leaves nothing to decay)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay. TRL: weight_decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas."""
+    """AdamW betas. TRL: adam_beta1, adam_beta2."""
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW epsilon. TRL: adam_epsilon."""
     max_grad_norm: float = 1.0
-    """Clip the combined update to this norm (DeepSpeed's gradient_clipping); 0 disables."""
+    """Clip the combined update to this norm (DeepSpeed's gradient_clipping); 0 disables. TRL: max_grad_norm."""
     seed: int = 0
-    """Seed of model init, data order and every RNG (identical on every rank)."""
+    """Seed of model init, data order and every RNG (identical on every rank). TRL: seed."""
 
 
 @dataclass(kw_only=True)
@@ -262,7 +268,7 @@ class LoggingConfig:
     eval_every: int = 0
     """Held-out evaluation every N steps (0: only before and after training). TRL: eval_steps."""
     eval_batch_size: int = 8
-    """Pairs per evaluation batch per rank."""
+    """Pairs per evaluation batch per rank. TRL: per_device_eval_batch_size."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Where scalars go, as in transformers/TRL: "tensorboard" (event files under <output_dir>/tensorboard),
     "wandb" (Weights & Biases; WANDB_MODE, WANDB_PROJECT, WANDB_DIR apply; needs pip install wandb), both
@@ -287,18 +293,18 @@ class CheckpointConfig:
     """Where the run writes, checkpoints, resume and export."""
 
     output_dir: str = "outputs/raco"
-    """Run folder: config.yaml, tensorboard/, checkpoints/, export/."""
+    """Run folder: config.yaml, tensorboard/, checkpoints/, export/. TRL: output_dir."""
     save_every: int = 0
-    """Checkpoint every N steps (0: only at the end when save_final is set)."""
+    """Checkpoint every N steps (0: only at the end when save_final is set). TRL: save_steps."""
     save_final: bool = False
     """Also checkpoint after the last step (needed to --resume beyond max_steps later)."""
     keep_last: int = 2
-    """Complete checkpoints kept; older ones are deleted after a newer one is complete (0: keep all)."""
+    """TRL: save_total_limit. Complete checkpoints kept; older ones are deleted after a newer one is complete (0: keep all)."""
     stop_after_steps: int = 0
     """Checkpoint and stop after this many steps in this job (0: run to max_steps); continue with
     --resume. For time-sliced allocations; the LR schedule still spans max_steps."""
     resume: Literal[False, True, "strict"] = False
-    """Continue from the newest intact checkpoint in output_dir/checkpoints (if there is one); a
+    """TRL: resume_from_checkpoint=True. Continue from the newest intact checkpoint in output_dir/checkpoints (if there is one); a
     damaged newer one (a file that no longer matches the checkpoint's manifest) is reported and passed
     over. "strict" (--resume strict) stops with an error instead of passing over a damaged one."""
     export: bool = True
@@ -358,7 +364,7 @@ class TrainConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection."""
     ds_config: str | None = None
-    """DeepSpeed JSON config ("auto" fields are filled from this config). None: ds_configs/zero3.json."""
+    """TRL: deepspeed. DeepSpeed JSON config ("auto" fields are filled from this config). None: ds_configs/zero3.json."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -723,6 +729,7 @@ def help_text() -> str:
         "                                [--OPTION VALUE ...]",
         "",
         f"presets: {', '.join(PRESETS)} (default: the README main job)",
+        "coming from TRL: docs/trl.md maps each DPOConfig option to its option here ('TRL: name' below)",
         "short options:",
     ]
     lines += [f"  {alias:<14} = --{dotted}" for alias, dotted in ALIASES.items()]
