@@ -151,7 +151,8 @@ def test_hh_rlhf_from_the_hub_layout_matches_the_bundled_sample(hh_repo):
     bundled = load_preference_data(get_preset("hh_rlhf"))
     full = load_preference_data(get_preset("Anthropic/hh-rlhf", hh_repo))
     assert _pairs(full) == _pairs(bundled)
-    assert full.skipped.total == 1 and next(iter(full.skipped.by_file)) == f"{hh_repo}[data_dir=helpful-base,split=train]"
+    assert full.skipped.total == 1
+    assert list(full.skipped.by_file) == [f"{hh_repo}[data_dir=helpful-base,split=train]"]
     test = load_preference_data(resolve_dataset("Anthropic/hh-rlhf", data_dir=str(hh_repo), split="test",
                                                 objectives=["harmless", "helpful"]))  # fmt: skip
     assert test.objective_names == ("harmless", "helpful") and len(test) == 10
@@ -291,6 +292,7 @@ def test_save_to_disk_folders_and_parquet_files_resolve_as_before(trl_repo, tmp_
         ("helpsteer", {"split": "test"}, r"--data.split apply to data read through load_dataset .* not to 'helpsteer'"),
         ("helpsteer", {"objectives": ["helpfulness", "harmless"]}, r"objectives \['harmless'\] are not in this data"),
         ("no_such_preset", {}, r"neither a preset .* nor a Hub name"),
+        ("data/missing.jsonl", {}, r"'data/missing.jsonl' is neither a preset .* an existing file"),
     ],
 )
 def test_resolve_rejects(dataset, options, message):

@@ -61,7 +61,8 @@ def _wandb_history(wandb_dir: Path) -> tuple[dict[int, dict[str, float]], dict[s
             row = {_key(item): json.loads(item.value_json) for item in record.history.item}
             history.setdefault(row["_step"], {}).update({k: v for k, v in row.items() if not k.startswith("_")})
         elif record.WhichOneof("record_type") == "summary":
-            notes.update({_key(i): json.loads(i.value_json) for i in record.summary.update if _key(i).startswith("text/")})
+            updates = {_key(item): item.value_json for item in record.summary.update}
+            notes.update({key: json.loads(value) for key, value in updates.items() if key.startswith("text/")})
     return history, notes
 
 

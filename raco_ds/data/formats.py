@@ -66,7 +66,7 @@ def _field(row: dict[str, Any], name: str, where: RowRef) -> Any:
         value = row[name]
     else:
         value = row
-        for part in name.split(".") if "." in name else [name]:
+        for part in name.split("."):
             if isinstance(value, dict) and part in value:
                 value = value[part]
             elif isinstance(value, list) and part.isdigit() and int(part) < len(value):

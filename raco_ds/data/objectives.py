@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -425,7 +426,7 @@ def resolve_dataset(
         spec = trl_spec([HubSource(path=dataset)])
     elif Path(dataset).exists():
         spec = trl_spec([dataset])
-    elif "/" in dataset and not dataset.startswith((".", "/")):
+    elif _HUB_NAME.fullmatch(dataset) and Path(dataset).suffix not in _FILE_SUFFIXES:
         spec = trl_spec([HubSource(path=dataset)])
     else:
         raise DataError(
@@ -437,6 +438,10 @@ def resolve_dataset(
     if options:
         spec = _with_hub_options(spec, dataset, options)
     return select_objectives(spec, objectives)
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")  # a missing local file, not a Hub name
 
 
 def _with_hub_options(spec: DatasetSpec, dataset: str, options: dict[str, Any]) -> DatasetSpec:

@@ -84,11 +84,13 @@ class LoraAdapterConfig:
     """LoRA adapters through the peft library (r > 0): only the adapters train; the frozen base is the reference."""
 
     r: int = 0
-    """Adapter rank (TRL: peft_config=LoraConfig(r=...)); 0 disables LoRA (then model.trainable_last_blocks decides what trains). With r > 0 every
+    """Adapter rank (TRL: peft_config=LoraConfig(r=...)); 0 disables LoRA (then model.trainable_last_blocks
+    decides what trains). With r > 0 every
     base weight is frozen and adapters go on the linear layers of the last model.trainable_last_blocks blocks
     (-1: all blocks); train_final_norm and train_embeddings do not apply."""
     alpha: float = 16.0
-    """LoraConfig's lora_alpha. Scaling numerator: the adapter's output is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    """LoraConfig's lora_alpha. Scaling numerator: the adapter's output is multiplied by alpha / r (alpha /
+    sqrt(r) with use_rslora)."""
     dropout: float = 0.0
     """LoraConfig's lora_dropout. Dropout on the adapters' input (replayed exactly by one-pass capture's self-check)."""
     target_modules: list[str] | None = None
@@ -114,7 +116,8 @@ class ModelConfig:
     fields; fp16 is refused: its loss scaling would rescale each objective differently). CPUs want
     fp32; GPUs want bf16."""
     gradient_checkpointing: bool = False
-    """TRL: gradient_checkpointing. Recompute activations in the backward to save memory (slower; for long sequences on GPU)."""
+    """TRL: gradient_checkpointing. Recompute activations in the backward to save memory (slower; for long
+    sequences on GPU)."""
     trainable_last_blocks: int = 4
     """Train only the last N transformer blocks (plus the final norm if train_final_norm); -1 trains
     every parameter. Freezing the bottom of the network also stops the backward there, which is
@@ -299,12 +302,14 @@ class CheckpointConfig:
     save_final: bool = False
     """Also checkpoint after the last step (needed to --resume beyond max_steps later)."""
     keep_last: int = 2
-    """TRL: save_total_limit. Complete checkpoints kept; older ones are deleted after a newer one is complete (0: keep all)."""
+    """TRL: save_total_limit. Complete checkpoints kept; older ones are deleted after a newer one is complete
+    (0: keep all)."""
     stop_after_steps: int = 0
     """Checkpoint and stop after this many steps in this job (0: run to max_steps); continue with
     --resume. For time-sliced allocations; the LR schedule still spans max_steps."""
     resume: Literal[False, True, "strict"] = False
-    """TRL: resume_from_checkpoint=True. Continue from the newest intact checkpoint in output_dir/checkpoints (if there is one); a
+    """TRL: resume_from_checkpoint=True. Continue from the newest intact checkpoint in output_dir/checkpoints
+    (if there is one); a
     damaged newer one (a file that no longer matches the checkpoint's manifest) is reported and passed
     over. "strict" (--resume strict) stops with an error instead of passing over a damaged one."""
     export: bool = True
@@ -364,7 +369,8 @@ class TrainConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection."""
     ds_config: str | None = None
-    """TRL: deepspeed. DeepSpeed JSON config ("auto" fields are filled from this config). None: ds_configs/zero3.json."""
+    """TRL: deepspeed. DeepSpeed JSON config ("auto" fields are filled from this config). None:
+    ds_configs/zero3.json."""
 
     def __post_init__(self) -> None:
         _validate(self)
