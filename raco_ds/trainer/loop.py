@@ -43,7 +43,8 @@ import torch.distributed as dist
 
 from raco_ds.diskcache import atomic_file
 from raco_ds.trainer.config import ConfigError, TrainConfig, save_config
-from raco_ds.trainer.metrics import TAGS, MetricsWriter, memory_scalars, raco_scalars
+from raco_ds.trainer.metrics import TAGS, memory_scalars, raco_scalars
+from raco_ds.trainer.trackers import open_trackers
 
 __all__ = ["RunResult", "TooManySkippedSteps", "train"]
 
@@ -265,25 +266,11 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
     """Load, tokenise and split the run's data; return (dataset, collator, split, per-rank batch streams)."""
     from raco_ds.data.batch import PreferenceCollator
     from raco_ds.data.loading import load_preference_data
-    from raco_ds.data.objectives import PRESETS as DATA_PRESETS
-    from raco_ds.data.objectives import get_preset, trl_spec
     from raco_ds.data.tokenization import TokenizationConfig, tokenize_preference_data
     from raco_ds.trainer.data import BatchStream, split_pairs
 
     dc = cfg.data
-    if dc.dataset in DATA_PRESETS:
-        spec = get_preset(dc.dataset, data_dir=dc.data_dir)
-    elif Path(dc.dataset).exists():
-        spec = trl_spec([dc.dataset])
-    else:
-        raise ConfigError(
-            f"data.dataset={dc.dataset!r} is neither a preset {sorted(DATA_PRESETS)} nor an existing file"
-        )
-    if list(spec.objective_names) != list(cfg.objectives.names):
-        raise ConfigError(
-            f"objectives.names={cfg.objectives.names} but data {dc.dataset!r} has objectives "
-            f"{list(spec.objective_names)}; pass --objectives {','.join(spec.objective_names)}"
-        )
+    spec = dc.spec(cfg.objectives.names)
     pairs = load_preference_data(spec, skip_invalid=True if dc.skip_invalid else None)  # None: the preset's own
     dataset = tokenize_preference_data(
         pairs, tokenizer, TokenizationConfig(max_length=dc.max_length, max_prompt_length=dc.max_prompt_length)
@@ -660,8 +647,7 @@ def train(cfg: TrainConfig, stopper=None) -> RunResult:
         if latest is None and cfg.checkpointing.resume:
             logger.info("--resume: no complete checkpoint in %s; starting from step 0", ckpt_root)
 
-        writer = MetricsWriter(out / "tensorboard", enabled=cfg.logging.tensorboard, rank=rank,
-                               purge_step=step + 1 if step else None)  # fmt: skip
+        writer = open_trackers(cfg, out, rank=rank, purge_step=step + 1 if step else None)
         metrics_file = out / "metrics.jsonl"
         if rank == 0:
             _truncate_jsonl(metrics_file, step)

@@ -1,9 +1,7 @@
-"""Where numbers go: TensorBoard and the console, written by rank 0 only.
+"""What the trainer logs: the scalars of a step, under the tag names in :data:`TAGS`.
 
-:class:`MetricsWriter` is the one processor every scalar passes through
-(torchtitan's rule): other ranks get a writer that drops everything, so no
-call site ever checks the rank. Tag names are listed in :data:`TAGS` so
-that tests and dashboards agree on them.
+Tag names are listed in :data:`TAGS` so that tests and dashboards agree on them;
+:mod:`raco_ds.trainer.trackers` sends them to TensorBoard and/or wandb.
 """
 
 from __future__ import annotations
@@ -11,12 +9,11 @@ from __future__ import annotations
 import os
 import resource
 import sys
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 
-__all__ = ["TAGS", "MetricsWriter", "memory_scalars", "raco_scalars"]
+__all__ = ["TAGS", "memory_scalars", "raco_scalars"]
 
 TAGS = {
     "per_objective": ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward"),
@@ -93,39 +90,3 @@ def raco_scalars(stats, names: Sequence[str]) -> dict[str, float]:
     for part in ("capture", "gram", "allreduce", "solve", "write"):
         out[TAGS["hook_part_time"].format(part=part)] = float(getattr(stats, f"seconds_{part}"))
     return out
-
-
-class MetricsWriter:
-    """Scalars to TensorBoard under ``<log_dir>``; a no-op on every rank but 0 (or when disabled)."""
-
-    def __init__(self, log_dir: str | Path, *, enabled: bool, rank: int, purge_step: int | None = None) -> None:
-        """``purge_step``: on resume, drop events at or after this step that a crashed run left behind."""
-        self.active = enabled and rank == 0
-        self._writer = None
-        if self.active:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(log_dir), purge_step=purge_step)
-
-    def scalars(self, values: Mapping[str, float], step: int) -> None:
-        """Write ``{tag: value}`` at ``step`` (NaN values, e.g. an objective with no pairs, are written too)."""
-        if self._writer is None:
-            return
-        for tag, value in values.items():
-            self._writer.add_scalar(tag, float(value), step)
-
-    def text(self, tag: str, text: str, step: int = 0) -> None:
-        """Write a text note (the resolved config, the capture mode, ...)."""
-        if self._writer is not None:
-            self._writer.add_text(tag, text, step)
-
-    def flush(self) -> None:
-        """Push pending events to disk."""
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        """Flush and close the event file."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
