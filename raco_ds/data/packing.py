@@ -40,11 +40,13 @@ its sequences: the trainer runs K passes for packed batches
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+
+from raco_ds.data.records import DataError
 
 __all__ = ["ONEPASS_REFUSAL", "PackedLayout", "PackingMismatchError", "check_packed_forward", "pack_rows"]
 
@@ -55,8 +57,11 @@ ONEPASS_REFUSAL = (
 """Why one-pass capture refuses packed batches (the trainer's capture choice reports it)."""
 
 
-class PackingMismatchError(RuntimeError):
-    """The model scores a packed batch differently from the same batch padded (its attention mixes sequences)."""
+class PackingMismatchError(DataError):
+    """The model scores a packed batch differently from the same batch padded (its attention mixes sequences).
+
+    A DataError, so the launcher reports it as a user error: one line naming the fix, exit status 2.
+    """
 
 
 @dataclass
@@ -148,19 +153,29 @@ def pack_rows(
 
 
 @torch.no_grad()
-def check_packed_forward(model: Any, padded: Any, packed: Any, rtol: float = 1e-3) -> float:
-    """Raise :class:`PackingMismatchError` unless ``model`` scores ``packed`` like ``padded``; return the error.
+def check_packed_forward(model: Any, items: Sequence[Any], collator: Any, rtol: float = 1e-3) -> float:
+    """Raise :class:`PackingMismatchError` unless ``model`` scores ``items`` packed as it scores them padded.
 
-    ``padded`` and ``packed`` are the same pairs collated both ways
-    (:class:`~raco_ds.data.batch.PreferenceBatch`, on the model's device). The
-    error is the largest difference of a row's summed response log-prob over
-    ``1 + |log-prob|``: rounding in bf16 stays far below ``rtol``, attention
-    across sequences does not (a model that ignores the packing scores the
-    second sequence of a row given the first). Runs two forwards, so under
-    ZeRO-3 every rank must call it.
+    ``items`` are :class:`~raco_ds.data.tokenization.TokenizedPair` s and
+    ``collator`` a :class:`~raco_ds.data.batch.PreferenceCollator`, used both
+    ways. Returns the error: the largest difference of a row's summed response
+    log-prob over ``1 + |log-prob|``. Rounding (bf16 included) stays far below
+    ``rtol``; attention across sequences does not (a model that ignores the
+    packing scores a row's later sequences given the earlier ones). Two no-grad
+    forwards in eval mode: under ZeRO-3 every rank must call it.
     """
-    want = padded.response_logps(model(**padded.model_inputs(), use_cache=False).logits)[0]
-    got = packed.response_logps(model(**packed.model_inputs(), use_cache=False).logits)[0]
+    device = getattr(model, "device", None) or next(model.parameters()).device
+    padded = replace(collator, padding_free=False, reference_logps=None)(items).to(device)
+    packed = replace(collator, padding_free=True, reference_logps=None)(items).to(device)
+    was_training = model.training
+    model.eval()  # dropout would differ between the two forwards
+    try:
+        want = padded.response_logps(model(**padded.model_inputs(), use_cache=False).logits)[0]
+        got = packed.response_logps(model(**packed.model_inputs(), use_cache=False).logits)[0]
+    finally:
+        model.train(was_training)
+        if hasattr(model, "empty_partition_cache"):
+            model.empty_partition_cache()  # ZeRO-3: release what a no-grad forward prefetched and never used
     error = float(((got - want).abs() / (1 + want.abs())).max())
     if not error <= rtol:  # also catches NaN
         raise PackingMismatchError(
