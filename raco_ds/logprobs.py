@@ -58,14 +58,15 @@ def response_logps(
             f"expected logits (R, T, V) with input_ids and response_mask (R, T); got {tuple(logits.shape)}, "
             f"{tuple(input_ids.shape)}, {tuple(response_mask.shape)}"
         )
-    if (row_of_token is None) != (num_rows is None) or (row_of_token is not None and row_of_token.shape != input_ids.shape):
+    packed = row_of_token is not None
+    if packed != (num_rows is not None) or (packed and row_of_token.shape != input_ids.shape):
         raise ValueError("pass row_of_token (shaped like input_ids) and num_rows together, or neither")
     rows = input_ids.shape[0] if num_rows is None else num_rows
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scored = response_mask[:, 1:].bool()
     physical_row, position = scored.nonzero(as_tuple=True)  # position p predicts token p + 1
     labels = input_ids[:, 1:][physical_row, position]
-    row_of = physical_row if row_of_token is None else row_of_token[:, 1:][physical_row, position]
+    row_of = row_of_token[:, 1:][physical_row, position] if packed else physical_row
     token_logps = []
     for start in range(0, row_of.numel(), chunk):
         rows_chunk, positions_chunk = physical_row[start : start + chunk], position[start : start + chunk]
@@ -78,6 +79,6 @@ def response_logps(
         sums = sums.index_add(0, row_of, torch.cat(token_logps))
     else:
         sums = sums + logits.sum() * 0  # keep the graph connected for a batch with nothing to score
-    if row_of_token is None:
+    if not packed:
         return sums, scored.sum(dim=1).long()
     return sums, torch.bincount(row_of, minlength=rows).long()

@@ -130,7 +130,8 @@ def test_per_objective_gradients_match_padded(helpsteer_items):
         logps, lengths = batch.response_logps(model(**batch.model_inputs(), use_cache=False).logits)
         b = batch.num_pairs
         out = preference_losses(logps[:b], logps[b:], batch.labels, reference_logps_a=reference[:b],
-                                reference_logps_b=reference[b:], lengths_a=lengths[:b], lengths_b=lengths[b:])  # fmt: skip
+                                reference_logps_b=reference[b:], lengths_a=lengths[:b],
+                                lengths_b=lengths[b:])  # fmt: skip
         return [list(torch.autograd.grad(out.losses[j], params, retain_graph=True)) for j in range(k)]
 
     for want, got in zip(objective_grads(padded), objective_grads(packed)):
