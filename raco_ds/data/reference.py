@@ -36,7 +36,6 @@ from raco_ds.collectives import collective_device
 from raco_ds.data.batch import PreferenceBatch, PreferenceCollator
 from raco_ds.data.tokenization import PreferenceDataset
 from raco_ds.diskcache import atomic_file, cache_root
-from raco_ds.logprobs import response_logps
 
 __all__ = [
     "FrozenReference",
@@ -64,8 +63,7 @@ def _model_device(model: Any) -> torch.device:
 def reference_logps_of_batch(model: Any, batch: PreferenceBatch) -> torch.Tensor:
     """(2B,) float32 summed response log-probs of every row of ``batch`` under ``model`` (no grad)."""
     batch = batch.to(_model_device(model))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    return response_logps(logits, batch.input_ids, batch.response_mask)[0].float()
+    return batch.response_logps(model(**batch.model_inputs(), use_cache=False).logits)[0].float()
 
 
 def _share(num_pairs: int, rank: int, world_size: int) -> tuple[list[int], int]:

@@ -153,12 +153,13 @@ class OnePassStep:
 
 def choose_capture(run) -> KPassStep | OnePassStep:
     """The capture ``raco.capture`` asks for: "auto" = one pass where the engine and the model support it."""
+    from raco_ds.data.packing import ONEPASS_REFUSAL
     from raco_ds.onepass import UnsupportedModuleError
 
     wanted = run.cfg.raco.capture
     if wanted == "k_pass":
         return KPassStep()
-    reason = run.hook.onepass_unsupported_reason()
+    reason = ONEPASS_REFUSAL if run.cfg.data.padding_free else run.hook.onepass_unsupported_reason()
     if reason is None:
         try:
             return OnePassStep(run)

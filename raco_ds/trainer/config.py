@@ -172,6 +172,11 @@ class DataConfig:
     skip_invalid: bool = False
     """Skip malformed data rows (counted and summarised in one warning) instead of stopping at the
     first one with its file:row:field."""
+    padding_free: bool = False
+    """Pack each micro-batch's sequences into rows without padding (TRL's padding_free; positions
+    restart per sequence; flash-attention varlen on GPU, a block-diagonal causal mask with sdpa/eager).
+    Needs a model whose attention honours position-id packing (checked on the first micro-batch);
+    one-pass capture cannot split packed rows, so raco.capture=auto runs K passes."""
 
     def spec(self, objectives: list[str]) -> Any:
         """The :class:`~raco_ds.data.objectives.DatasetSpec` these options name, with ``objectives`` selected."""

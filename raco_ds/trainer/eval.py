@@ -31,7 +31,6 @@ from raco_ds.data.batch import PreferenceCollator
 from raco_ds.data.tokenization import PreferenceDataset
 from raco_ds.evaluation.bootstrap import Estimate, ItemValues
 from raco_ds.evaluation.preference import SUBSETS, preference_items
-from raco_ds.logprobs import response_logps
 from raco_ds.losses import preference_losses
 
 __all__ = [
@@ -66,8 +65,7 @@ class PairScores:
 
 def policy_logps(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward ``batch`` (a PreferenceBatch on the engine's device) and return (sum_logps (2B,), num_tokens (2B,))."""
-    logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    return response_logps(logits, batch.input_ids, batch.response_mask)
+    return batch.response_logps(engine(**batch.model_inputs(), use_cache=False).logits)
 
 
 def _rank_world() -> tuple[int, int]:

@@ -239,10 +239,9 @@ class _Run:
 
     def losses_from_logits(self, batch, logits: torch.Tensor):
         """(PreferenceLosses, summed response log-probs (2B,)) of a micro-batch from its logits."""
-        from raco_ds.logprobs import response_logps
         from raco_ds.losses import preference_losses
 
-        logps, tokens = response_logps(logits, batch.input_ids, batch.response_mask)
+        logps, tokens = batch.response_logps(logits)
         b, ref = batch.num_pairs, batch.reference_logps
         out = preference_losses(
             logps[:b], logps[b:], batch.labels,
@@ -258,7 +257,7 @@ class _Run:
 
     def losses(self, batch):
         """Forward a micro-batch through the engine; its K per-objective PreferenceLosses."""
-        logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        logits = self.engine(**batch.model_inputs(), use_cache=False).logits
         return self.losses_from_logits(batch, logits)[0]
 
 
@@ -275,7 +274,8 @@ def build_data(cfg: TrainConfig, tokenizer, rank: int, world: int):
     dataset = tokenize_preference_data(
         pairs, tokenizer, TokenizationConfig(max_length=dc.max_length, max_prompt_length=dc.max_prompt_length)
     )
-    collator = PreferenceCollator(pad_token_id=dataset.pad_token_id, num_objectives=dataset.num_objectives)
+    collator = PreferenceCollator(pad_token_id=dataset.pad_token_id, num_objectives=dataset.num_objectives,
+                                  padding_free=dc.padding_free)  # fmt: skip
     split = split_pairs(dataset, cfg, pairs.pairs)
     # One stream per pool, each with its own seed so objectives do not see their pairs in lockstep.
     streams = [
@@ -326,6 +326,10 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, out: P
     )  # fmt: skip
     run = _Run(cfg, rank, world, device, list(cfg.objectives.names), engine, hook, tokenizer, dataset, collator,
                split, streams, out)  # fmt: skip
+    if cfg.data.padding_free:  # a model that ignores position-id packing would train on mixed sequences
+        from raco_ds.data.packing import check_packed_forward
+
+        check_packed_forward(engine, [dataset[i] for i in split.train_pools[0][:4]], collator)
     run.capture = choose_capture(run)
 
     opt = cfg.optimisation
