@@ -247,7 +247,7 @@ def _measure(engine: Any, strategy: Any, data: dict[str, torch.Tensor], shape: s
     # included). Objective rows: pair r belongs to objective r mod K only.
     labels = _labels(shape, k, b, seed=5 + rank).to(device)
     w = torch.full((k,), 1.0 / k, device=device)
-    shard = torch.zeros(k, strategy.layout.numel, device=device)
+    shard = torch.zeros(k, strategy.shard_layout.numel, device=device)
 
     def margins_of(logps: torch.Tensor) -> torch.Tensor:
         return (logps[:b] - ref[:b]) - (logps[b:] - ref[b:])

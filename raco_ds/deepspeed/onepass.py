@@ -92,7 +92,7 @@ class DeepSpeedOnePass:
             raise ValueError(f"one-pass capture cannot run on this engine: {reason}")
         self.engine = engine
         self.strategy = strategy
-        self.shard_layout = strategy.layout
+        self.shard_layout = strategy.shard_layout
         self.capture = OnePassCapture(engine.module, num_objectives, verify=verify, verify_every=verify_every)
         self.capture.agree = self._agree
         device = torch.device(getattr(engine, "device", self.shard_layout.device))
