@@ -402,7 +402,7 @@ def run_captures(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of both modes; unset sizes and --reps take the chosen mode's defaults (see ``_DEFAULT_SIZES``)."""
-    from raco_ds.onepass._scatter import _BUCKET_NUMEL, _MAX_IN_FLIGHT
+    from raco_ds.onepass import BUCKET_NUMEL as _BUCKET_NUMEL, MAX_IN_FLIGHT as _MAX_IN_FLIGHT
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captures", action="store_true", help="compare weighted / K passes / one pass instead")

@@ -40,8 +40,17 @@ import torch.distributed as dist
 from raco_ds.collectives import collective_device, is_distributed
 from raco_ds.deepspeed.layout import EngineLayout
 from raco_ds.deepspeed.shards import ShardStrategy, make_strategy, onepass_unsupported_reason
-from raco_ds.onepass import OnePassCapture, ParameterView, RowCoefficients, SelfCheck, ShardScatter
-from raco_ds.onepass._scatter import _BUCKET_NUMEL, _MAX_IN_FLIGHT, ShardRowsLike, as_shard_rows
+from raco_ds.onepass import (
+    BUCKET_NUMEL,
+    MAX_IN_FLIGHT,
+    OnePassCapture,
+    ParameterView,
+    RowCoefficients,
+    SelfCheck,
+    ShardRowsLike,
+    ShardScatter,
+    as_shard_rows,
+)
 
 __all__ = ["DeepSpeedOnePass", "ZERO3_PARAMETERS"]
 
@@ -90,8 +99,8 @@ class DeepSpeedOnePass:
     """
 
     def __init__(self, engine, num_objectives: int, strategy: ShardStrategy | None = None, *,
-                 shard_buffer: ShardRowsLike | None = None, bucket_numel: int = _BUCKET_NUMEL,
-                 max_in_flight: int = _MAX_IN_FLIGHT, verify: bool = True, verify_every: int = 0) -> None:
+                 shard_buffer: ShardRowsLike | None = None, bucket_numel: int = BUCKET_NUMEL,
+                 max_in_flight: int = MAX_IN_FLIGHT, verify: bool = True, verify_every: int = 0) -> None:
         if strategy is None:
             strategy = make_strategy(engine, EngineLayout.from_engine(engine))
         reason = onepass_unsupported_reason(strategy.engine_layout)

@@ -51,7 +51,6 @@ capture that fills the shard; the Gram, the solve and the write-back do not chan
 from __future__ import annotations
 
 import abc
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -455,9 +454,6 @@ class Zero3(ShardStrategy):
     ``fp32_partitioned_groups_flat[i].grad`` and the norms are redone after the
     write-back with ``_finalize_offload_gradient_accumulation`` (stage3.py:1467).
     """
-
-    def _all_params(self) -> list[torch.nn.Parameter]:
-        return list(itertools.chain.from_iterable(self.optimizer.fp16_groups))
 
     onepass_scatter = PaddedPartitionScatter
 

@@ -31,14 +31,20 @@ from ._coefficients import (
 from ._params import PLAIN, ParameterView
 from ._rules import UnsupportedModuleError, register_rule
 from ._scatter import (
+    BUCKET_NUMEL,
+    MAX_IN_FLIGHT,
     CollectiveOrderError,
     FlatPartition,
     FlatPartitionScatter,
     PaddedPartitionScatter,
+    ShardRowsLike,
     ShardScatter,
+    as_shard_rows,
 )
 
 __all__ = [
+    "BUCKET_NUMEL",
+    "MAX_IN_FLIGHT",
     "CollectiveOrderError",
     "FlatPartition",
     "FlatPartitionScatter",
@@ -51,8 +57,10 @@ __all__ = [
     "ParameterView",
     "RowCoefficients",
     "SelfCheck",
+    "ShardRowsLike",
     "ShardScatter",
     "UnsupportedModuleError",
+    "as_shard_rows",
     "coefficients_from_losses",
     "objective_row_coefficients",
     "register_rule",

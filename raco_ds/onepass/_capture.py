@@ -672,11 +672,6 @@ class OnePassCapture:
         self._nonfinite.clear()
         self.live_buffer_bytes = 0
 
-    @property
-    def unused_modules(self) -> list[str]:
-        """Hooked modules that did not run in the last pass (their gradients are zero)."""
-        return [s.name for s in self.sites if not s.fired]
-
     def remove(self) -> None:
         """Remove every hook (the model is back to plain)."""
         for site in self.sites:
