@@ -247,7 +247,7 @@ def _measure(engine: Any, strategy: Any, data: dict[str, torch.Tensor], shape: s
     # included). Objective rows: pair r belongs to objective r mod K only.
     labels = _labels(shape, k, b, seed=5 + rank).to(device)
     w = torch.full((k,), 1.0 / k, device=device)
-    shard = torch.zeros(k, strategy.layout.numel, device=device)
+    shard = torch.zeros(k, strategy.shard_layout.numel, device=device)
 
     def margins_of(logps: torch.Tensor) -> torch.Tensor:
         return (logps[:b] - ref[:b]) - (logps[b:] - ref[b:])
@@ -402,7 +402,7 @@ def run_captures(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags of both modes; unset sizes and --reps take the chosen mode's defaults (see ``_DEFAULT_SIZES``)."""
-    from raco_ds.onepass._scatter import _BUCKET_NUMEL, _MAX_IN_FLIGHT
+    from raco_ds.onepass import BUCKET_NUMEL as _BUCKET_NUMEL, MAX_IN_FLIGHT as _MAX_IN_FLIGHT
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captures", action="store_true", help="compare weighted / K passes / one pass instead")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from raco_ds.collectives import is_distributed
 from raco_ds.solver import Aggregation, aggregate
 
 __all__ = ["StepSolution", "CoefficientMismatchError", "solve_across_ranks"]
@@ -65,10 +66,6 @@ class StepSolution:
         return torch.where(outer > 0, self.gram / outer.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
 
 
-def _distributed(group) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
 def _assert_identical(coefficients: torch.Tensor, group) -> None:
     # One all-reduce(MAX) of [a, -a] yields max and -min of every entry across ranks.
     both = torch.cat([coefficients, -coefficients]).to(torch.float64)
@@ -104,7 +101,7 @@ def solve_across_ranks(
     """
     gram = local_gram.to(device=device, dtype=torch.float64).contiguous()
     started = time.perf_counter()
-    if _distributed(group):
+    if is_distributed(group):
         dist.all_reduce(gram, op=dist.ReduceOp.SUM, group=group)
     gram = gram.cpu()
     reduced = time.perf_counter()
@@ -117,7 +114,7 @@ def solve_across_ranks(
         return StepSolution(gram, None, bad, seconds_allreduce=reduced - started)
 
     aggregation = aggregate(aggregator, gram, weights.to(torch.float64).cpu(), c)
-    if verify and _distributed(group):
+    if verify and is_distributed(group):
         _assert_identical(aggregation.coefficients.to(device), group)
     solved = time.perf_counter()
     return StepSolution(gram, aggregation, [], seconds_allreduce=reduced - started, seconds_solve=solved - reduced)

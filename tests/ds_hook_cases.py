@@ -153,7 +153,7 @@ def run_case(rank: int, world: int, case: Case) -> dict:
         else:
             _train_step(engine, hook, case, step, rank, m, len(case.weights))
             try:
-                stats = hook.step(before_engine_step=lambda: result.__setitem__("callback", True))
+                stats = hook.step()
             except NonFiniteGradientError as error:
                 stats = error.stats
                 result["raised"].append(step)

@@ -167,9 +167,9 @@ def test_every_rank_sees_the_same_gram_and_coefficients(per_rank):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(EXTERNAL))
 def test_capture_seam_takes_an_external_capture(results, name):
-    # One-pass capture fills all K rows of hook.shard_buffer and calls mark_captured(); the hook then
-    # keeps K rows, and step() runs the before_engine_step callback between write-back and engine.step().
-    assert results[name]["buffer_shape"][0] == 2 and results[name]["callback"]
+    # An external capture fills all K rows of hook.shard_buffer and calls mark_captured(); the hook then
+    # keeps K rows (the update's exactness is checked with every other case).
+    assert results[name]["buffer_shape"][0] == 2
 
 
 @pytest.mark.slow
@@ -316,7 +316,7 @@ def test_gram_with_the_last_objective_left_in_the_engine_is_exact():
     n = 300_001
     pieces = [torch.randn(size) for size in (70_000, 1, 129_999, n - 200_000)]
     layout = types.SimpleNamespace(numel=n, device=torch.device("cpu"))
-    rows = ShardRows(types.SimpleNamespace(layout=layout, engine_pieces=lambda: pieces), 3, keep_last_in_engine=True)
+    rows = ShardRows(types.SimpleNamespace(shard_layout=layout, engine_pieces=lambda: pieces), 3, keep_last_in_engine=True)
     assert rows.buffer.shape == (2, n)
     rows.row_for(2).normal_()
     rows.row_for(0).normal_().mul_(1e3)

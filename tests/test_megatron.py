@@ -125,7 +125,7 @@ def _owned_slices(raco, model) -> list:
 
     names = {param: _global_name(model, n) for n, param in model.named_parameters()}
     out = []
-    for section in raco.layout.sections:
+    for section in raco.shard_layout.sections:
         for seg in section.segments:
             if getattr(seg.param, "shared", False):
                 name = "embedding.word_embeddings.weight"
@@ -196,8 +196,8 @@ def _run_layout(tp: int, pp: int, distributed: bool, world: int) -> dict:
     megatron_norm = float(optimizer.get_grad_norm())  # get_grad_norm_fp32 of the written-back grads
     stepped = _full_state(model)
     nonfinite = _nonfinite_step(raco, ddp, model, dp_rank, stepped) if dp > 1 and distributed else {}
-    owned_numel = sum(s.numel for sec in raco.layout.sections for s in sec.segments)
-    counted_numel = sum(sec.counted_numel for sec in raco.layout.sections)
+    owned_numel = sum(s.numel for sec in raco.shard_layout.sections for s in sec.segments)
+    counted_numel = sum(sec.counted_numel for sec in raco.shard_layout.sections)
     ps.destroy_model_parallel()
 
     oracle = _oracle(initial, dp)
@@ -237,7 +237,7 @@ def _misuse_errors(raco) -> list[str]:
 
     with pytest.raises(RuntimeError, match="outside an objective block"):
         raco.backward(None)
-    with pytest.raises(RuntimeError, match=r"objectives \[0, 1, 2\] were not captured"):
+    with pytest.raises(RuntimeError, match=r"before objective\(s\) \[0, 1, 2\] were captured"):
         raco.step()
     with pytest.raises(IndexError, match="out of range"), raco.objective(len(WEIGHTS)):
         pass

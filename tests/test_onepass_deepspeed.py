@@ -101,7 +101,7 @@ def _one_case(rank: int, world: int, stage: int, kind: str, shape: str, k: int, 
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
                                       config=_ds_config(stage, micro))
     strategy = make_strategy(engine, EngineLayout.from_engine(engine))
-    layout = strategy.layout
+    layout = strategy.shard_layout
     micro_batches = _split(*_rank_data(rank, shape, k), micro)
 
     # --- K-pass shards through DeepSpeed's own backward ------------------------------------
@@ -368,7 +368,7 @@ def _memory_case(rank: int, world: int, stage: int, k: int = 4, bucket_numel: in
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                       config=_ds_config(stage))
     strategy = make_strategy(engine, EngineLayout.from_engine(engine))
-    layout = strategy.layout
+    layout = strategy.shard_layout
     data, labels = _rank_data(rank, "shared", k)
     numels = [int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters()]
     full_bytes = k * 4 * sum(numels)  # K full fp32 gradients: what the old capture held per rank

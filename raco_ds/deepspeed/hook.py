@@ -55,6 +55,10 @@ Capture seam (what ``hook.onepass()`` uses, and any other external capture):
 where it can be) and :attr:`RacoHook.shard_layout` (per-parameter slices, see
 shards.py); the capture fills every row, calls :meth:`RacoHook.mark_captured`,
 then ``hook.step()``.
+
+The step itself (objective bookkeeping, Gram -> consensus -> write -> step, the
+non-finite policy) is :class:`raco_ds.step.RacoStep`'s; this module says only
+where DeepSpeed keeps the shards.
 """
 
 from __future__ import annotations
@@ -62,19 +66,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
-import torch.distributed as dist
 
-from raco_ds.collectives import collective_device
-from raco_ds.consensus import solve_across_ranks
+from raco_ds.collectives import rank, world_size
 from raco_ds.deepspeed.layout import EngineLayout
 from raco_ds.deepspeed.onepass import DeepSpeedOnePass
 from raco_ds.deepspeed.rows import ShardRows
 from raco_ds.deepspeed.shards import ShardLayout, ShardStrategy, make_strategy, onepass_unsupported_reason
-from raco_ds.step import StepOptions
+from raco_ds.step import RacoStep, StepOptions
 from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 
 __all__ = ["NonFiniteGradientError", "RacoHook", "RacoStepStats"]
@@ -84,7 +85,7 @@ logger = logging.getLogger(__name__)
 Losses = Sequence[torch.Tensor] | torch.Tensor
 
 
-class RacoHook:
+class RacoHook(RacoStep):
     """RACO's per-step gradient surgery on a ``deepspeed.DeepSpeedEngine`` (any ZeRO stage)."""
 
     def __init__(
@@ -104,38 +105,31 @@ class RacoHook:
         ``on_nonfinite``: "skip" (skip the step everywhere and report) or "raise".
         ``verify_coefficients``: check every step that all ranks computed identical coefficients.
         """
-        options = StepOptions.validated(weights, aggregator, c, on_nonfinite)
-        self.weights, self.aggregator, self.c = options.weights, options.aggregator, options.c
-        self.on_nonfinite = options.on_nonfinite
+        super().__init__(StepOptions.validated(weights, aggregator, c, on_nonfinite), verify=verify_coefficients)
         self.engine = engine
-        self.verify_coefficients = verify_coefficients
         self.engine_layout: EngineLayout = EngineLayout.from_engine(engine)
         self.strategy: ShardStrategy = make_strategy(engine, self.engine_layout)
-        self.num_objectives = int(self.weights.numel())
-        shard = self.strategy.layout
         # The last objective of a step stays in DeepSpeed's own buffer unless that buffer is bf16.
         self._rows = ShardRows(self.strategy, self.num_objectives,
                                not self.engine_layout.grads_accumulate_in_low_precision)
         self._check_shard_size()
         self._group = getattr(engine, "seq_data_parallel_group", None)
-        self._collective_device = collective_device(self._group)
         self._onepass: DeepSpeedOnePass | None = None
-        self._micro_batches = [0] * self.num_objectives
-        self._active: int | None = None
-        self._active_count = 0
-        self._seconds_capture = 0.0
+        self._objective_micro_batches = 0  # backward() calls in the open objective(k) block
+        self._shared_micro_batches = 0  # backward_shared() calls this step (every objective at once)
         self._logged_zero3_fallback = False
-        if _rank() == 0:
+        if rank() == 0:
             logger.info(
                 "RacoHook: %d objectives, aggregator %s (c=%.3g), %s; shard %d elements/rank, buffers %.1f MiB/rank",
-                self.num_objectives, aggregator, self.c, self.engine_layout.describe(), shard.numel, self.buffer_bytes / 2**20,
+                self.num_objectives, aggregator, self.c, self.engine_layout.describe(), self.shard_layout.numel,
+                self.buffer_bytes / 2**20,
             )  # fmt: skip
 
     # -- what the one-pass capture plugs into -----------------------------------------------------
     @property
     def shard_layout(self) -> ShardLayout:
         """Where each parameter's owned slice sits in a row of :attr:`shard_buffer` (see shards.py)."""
-        return self.strategy.layout
+        return self.strategy.shard_layout
 
     @property
     def shard_buffer(self) -> torch.Tensor:
@@ -171,19 +165,7 @@ class RacoHook:
     def mark_captured(self) -> None:
         """Declare every row of :meth:`capture_rows` (or :attr:`shard_buffer`) filled by an external capture, ready for step()."""
         self._rows.mark_captured()
-        self._micro_batches = [self.engine_layout.gradient_accumulation_steps] * self.num_objectives
-
-    def discard_step(self) -> None:
-        """Drop everything captured so far this step and clear the engine's gradients (no update).
-
-        For a caller that abandons a step half-way (an exception inside a pass, a
-        data error); the next ``hook.objective(0)`` then starts a clean step.
-        """
-        self._active = None
-        self._rows.reset()
-        self.strategy.discard()
-        self._micro_batches = [0] * self.num_objectives
-        self._seconds_capture = 0.0
+        self._mark_all_captured()
 
     # -- one pass for all objectives (onepass.py) --------------------------------------------------
     def onepass_unsupported_reason(self) -> str | None:
@@ -201,7 +183,7 @@ class RacoHook:
         """
         if self._onepass is not None:
             raise RuntimeError("one-pass capture is already attached to this hook; detach_onepass() first")
-        if self._active is not None or any(self._micro_batches):
+        if self._step_started():
             raise RuntimeError("attach_onepass() in the middle of a step; call hook.step() first")
         op = DeepSpeedOnePass(self.engine, self.num_objectives, self.strategy, verify=verify,
                               verify_every=verify_every, **scatter_options)  # fmt: skip
@@ -228,7 +210,7 @@ class RacoHook:
         check, non-finite objectives -> NaN rows, DeepSpeed's boundary state) and marks the
         rows captured; an exception inside discards the step (:meth:`discard_step`).
         """
-        if self._active is not None or any(self._micro_batches):
+        if self._step_started():
             raise RuntimeError("hook.onepass() in the middle of a step: call hook.step() (or discard_step()) first")
         op = self._onepass if self._onepass is not None else self.attach_onepass()
         op.zero()
@@ -241,38 +223,7 @@ class RacoHook:
             raise
         self.mark_captured()
 
-    # -- per-objective passes ---------------------------------------------------------------------
-    @contextlib.contextmanager
-    def objective(self, k: int) -> Iterator[None]:
-        """Scope the backward passes of objective ``k``; its shard is captured when the block ends."""
-        if not 0 <= k < self.num_objectives:
-            raise IndexError(f"objective {k} out of range for {self.num_objectives} objectives")
-        if self._active is not None:
-            raise RuntimeError(f"hook.objective({k}) inside hook.objective({self._active}): objectives do not nest")
-        if self._micro_batches[k]:
-            raise RuntimeError(f"objective {k} already has gradients this step; call hook.step() first")
-        self._timed(self.strategy.begin_objective)
-        self._active, self._active_count = k, 0
-        try:
-            yield
-        except BaseException:
-            self._active = None
-            self._timed(self.strategy.clear)
-            raise
-        self._active = None
-        m = self.engine_layout.gradient_accumulation_steps
-        if self._active_count != m:
-            self._timed(self.strategy.clear)
-            raise RuntimeError(
-                f"objective {k} ran {self._active_count} micro-batch(es) but gradient_accumulation_steps is {m}: "
-                f"it means micro-batches per objective, and each objective must end on an accumulation boundary"
-            )
-        if self._rows.can_stay_in_engine():
-            self._rows.stay_in_engine(k)  # the step reads and combines it where DeepSpeed left it
-        else:
-            self._timed(lambda: self._capture(k, accumulate=False))
-        self._micro_batches[k] = m
-
+    # -- per-objective passes (``with hook.objective(k)``, RacoStep) -------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         """Backward one micro-batch of the current objective (inside ``with hook.objective(k)``)."""
         if self._active is None:
@@ -280,11 +231,39 @@ class RacoHook:
                 "hook.backward() outside `with hook.objective(k)`; use hook.backward_shared() for shared pairs"
             )
         m = self.engine_layout.gradient_accumulation_steps
-        if self._active_count >= m:
+        if self._objective_micro_batches >= m:
             raise RuntimeError(f"objective {self._active} got more than gradient_accumulation_steps={m} micro-batches")
-        self.engine.set_gradient_accumulation_boundary(self._active_count == m - 1)
+        self.engine.set_gradient_accumulation_boundary(self._objective_micro_batches == m - 1)
         self.engine.backward(loss)
-        self._active_count += 1
+        self._objective_micro_batches += 1
+
+    def _begin_objective(self, k: int) -> None:
+        if self._shared_micro_batches:
+            raise RuntimeError(f"objective {k} already has gradients this step (backward_shared); "
+                               "call hook.step() first")
+        self.strategy.begin_objective()
+        self._objective_micro_batches = 0
+
+    def _end_objective(self, k: int) -> None:
+        m = self.engine_layout.gradient_accumulation_steps
+        if self._objective_micro_batches != m:
+            self.strategy.clear()
+            raise RuntimeError(
+                f"objective {k} ran {self._objective_micro_batches} micro-batch(es) but gradient_accumulation_steps "
+                f"is {m}: it means micro-batches per objective, and each objective must end on an accumulation boundary"
+            )
+        if self._rows.can_stay_in_engine():
+            self._rows.stay_in_engine(k)  # the step reads and combines it where DeepSpeed left it
+        else:
+            self._capture(k, accumulate=False)
+
+    def _abort_objective(self, k: int) -> None:
+        self.strategy.clear()
+
+    def _capture_hint(self) -> str:
+        m = self.engine_layout.gradient_accumulation_steps
+        return (f"each objective needs its gradient_accumulation_steps={m} micro-batch(es), through "
+                "`with hook.objective(k)`, hook.backward_shared() or hook.onepass()")
 
     # -- shared pairs: all K losses from one forward ------------------------------------------------
     def backward_shared(self, losses: Losses | Callable[[], Losses]) -> None:
@@ -298,13 +277,15 @@ class RacoHook:
         """
         if self._active is not None:
             raise RuntimeError("hook.backward_shared() inside `with hook.objective(k)`")
-        m, counts = self.engine_layout.gradient_accumulation_steps, set(self._micro_batches)
-        if len(counts) != 1 or counts.pop() >= m:
+        m = self.engine_layout.gradient_accumulation_steps
+        if any(self._captured):
+            captured = [k for k, done in enumerate(self._captured) if done]
             raise RuntimeError(
-                f"backward_shared needs every objective at the same micro-batch below gradient_accumulation_steps={m}; "
-                f"have {self._micro_batches} (mixing with hook.objective() in one step is not supported)"
+                f"backward_shared after objective(s) {captured} were captured this step (each has its "
+                f"gradient_accumulation_steps={m} micro-batch(es)); call hook.step() first "
+                "(mixing with hook.objective() in one step is not supported)"
             )
-        first = self._micro_batches[0] == 0
+        first = self._shared_micro_batches == 0
         if first and m > 1:
             self._rows.ensure_full()  # later micro-batches need the engine's buffer for every objective
         if self.engine_layout.stage == 3:
@@ -314,7 +295,7 @@ class RacoHook:
                     "a second backward through one forward does not re-gather ZeRO-3 parameters (HOOKS.md), so the "
                     "hook runs one forward per objective"
                 )
-            if not self._logged_zero3_fallback and _rank() == 0:
+            if not self._logged_zero3_fallback and rank() == 0:
                 logger.info("RacoHook: ZeRO-3 shared-pair path runs one forward per objective (no retain_graph)")
             self._logged_zero3_fallback = True
             for k in range(self.num_objectives):
@@ -323,8 +304,10 @@ class RacoHook:
             values = self._checked(losses() if callable(losses) else losses)
             for k in range(self.num_objectives):
                 self._shared_one(k, values[k], retain_graph=k < self.num_objectives - 1, accumulate=not first)
-        self._micro_batches = [n + 1 for n in self._micro_batches]
-
+        self._shared_micro_batches += 1
+        if self._shared_micro_batches == m:
+            self._shared_micro_batches = 0
+            self._mark_all_captured()
     def _shared_one(self, k: int, loss: torch.Tensor, retain_graph: bool, accumulate: bool) -> None:
         if self._rows.in_engine is not None:
             raise RuntimeError("backward_shared after this step's last objective was left in the engine")
@@ -345,75 +328,42 @@ class RacoHook:
             raise ValueError(f"expected {self.num_objectives} losses, got {len(losses)}")
         return losses
 
-    # -- the step ------------------------------------------------------------------------------------
-    def step(self, before_engine_step: Callable[[], object] | None = None) -> RacoStepStats:
-        """Gram -> all-reduce -> solve -> write sum_k a_k S[k] -> ``engine.step()``; returns the step's stats.
+    def _step_started(self) -> bool:
+        return self._capture_started() or bool(self._shared_micro_batches)
 
-        ``before_engine_step`` runs after the write-back and right before ``engine.step()``
-        (for an external capture that must adjust DeepSpeed's state there; :meth:`onepass` needs none).
-        """
-        m = self.engine_layout.gradient_accumulation_steps
-        missing = [k for k, n in enumerate(self._micro_batches) if n != m]
-        if missing:
-            raise RuntimeError(
-                f"hook.step() before objective(s) {missing} finished their {m} micro-batch(es): "
-                f"per-objective counts {self._micro_batches}"
-            )
-        started = time.perf_counter()
-        gram_local = self._rows.gram(*self._gram_columns())
-        gram_done = time.perf_counter()
-        solution = solve_across_ranks(
-            gram_local, self.weights, self.aggregator, self.c, group=self._group,
-            device=self._collective_device, verify=self.verify_coefficients,
-        )  # fmt: skip
-        stats = RacoStepStats.from_solution(
-            solution, seconds_capture=self._seconds_capture, seconds_gram=gram_done - started
-        )
-        self._micro_batches = [0] * self.num_objectives
-        self._seconds_capture = 0.0
-
-        if solution.skipped:
-            self._rows.reset()
-            self.strategy.discard()
-            if _rank() == 0:
-                logger.warning(
-                    "RacoHook: non-finite gradient in objective(s) %s; step skipped", solution.nonfinite_objectives
-                )
-            if self.on_nonfinite == "raise":
-                raise NonFiniteGradientError(stats)
-            return stats
-
-        write_started = time.perf_counter()
-        self._rows.combine_and_write(solution.coefficients)
-        self._rows.reset()
-        stats.seconds_write = time.perf_counter() - write_started
-        if before_engine_step is not None:
-            before_engine_step()
-        self.engine.set_gradient_accumulation_boundary(True)
-        self.engine.step()
-        return stats
+    # -- the step (RacoStep.step: Gram -> all-reduce -> solve -> write -> engine.step()) ---------------
+    def _local_gram(self) -> tuple[torch.Tensor, object]:
+        return self._rows.gram(*self._gram_columns()), self._group
 
     def _gram_columns(self) -> tuple[int, int]:
         n = self.shard_layout.numel
         if not self.shard_layout.replicated:
             return 0, n
         # ZeRO 0: every rank holds the full gradient; each forms the Gram of its 1/N of the columns.
-        world, rank = _world(self._group), _rank(self._group)
-        return n * rank // world, n * (rank + 1) // world
+        world, me = world_size(self._group), rank(self._group)
+        return n * me // world, n * (me + 1) // world
+
+    def _write(self, coefficients: torch.Tensor) -> None:
+        self._rows.combine_and_write(coefficients)
+        self._rows.reset()
+
+    def _optimizer_step(self, stats: RacoStepStats) -> None:
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+
+    def _discard(self) -> None:
+        self._rows.reset()
+        self.strategy.discard()
+        self._shared_micro_batches = 0
 
     def _capture(self, k: int, accumulate: bool) -> None:
         self.strategy.capture(self._rows.row_for(k), accumulate=accumulate)
         self.strategy.clear()
 
-    def _timed(self, fn: Callable[[], object]) -> None:
-        started = time.perf_counter()
-        fn()
-        self._seconds_capture += time.perf_counter() - started
-
     def _check_shard_size(self) -> None:
         # The buffers must hold the rank's shard only (K x shard), never K full gradients (except ZeRO 0,
         # whose shard is the full gradient). Allow each parameter's and each group's alignment padding.
-        shard, world = self.strategy.layout, self.engine_layout.world_size
+        shard, world = self.shard_layout, self.engine_layout.world_size
         total = sum(
             p.ds_numel if hasattr(p, "ds_numel") else p.numel()
             for p in self.engine.module.parameters()
@@ -423,12 +373,3 @@ class RacoHook:
         if self.engine_layout.partitions_gradients:
             bound = math.ceil(total / world) + len(shard.slices) + 64 * world
             assert shard.numel <= bound, f"shard of {shard.numel} elements exceeds 1/{world} of {total} (+padding)"
-
-
-def _rank(group=None) -> int:
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world(group=None) -> int:
-    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
-

@@ -75,11 +75,6 @@ class EngineLayout:
     """``gradient_clipping`` (0 = off); DeepSpeed applies it to the combined gradient."""
 
     @property
-    def bf16_enabled(self) -> bool:
-        """True when the model runs in bf16."""
-        return self.param_dtype == torch.bfloat16
-
-    @property
     def grads_accumulate_in_low_precision(self) -> bool:
         """True when DeepSpeed sums micro-batch (and rank) gradients in bf16."""
         return self.grad_accum_dtype != torch.float32

@@ -37,13 +37,29 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from raco_ds.collectives import collective_device
+from raco_ds.collectives import collective_device, is_distributed
 from raco_ds.deepspeed.layout import EngineLayout
 from raco_ds.deepspeed.shards import ShardStrategy, make_strategy, onepass_unsupported_reason
-from raco_ds.onepass import OnePassCapture, RowCoefficients, SelfCheck, ShardScatter
-from raco_ds.onepass._scatter import _BUCKET_NUMEL, _MAX_IN_FLIGHT, ShardRowsLike, as_shard_rows
+from raco_ds.onepass import (
+    BUCKET_NUMEL,
+    MAX_IN_FLIGHT,
+    OnePassCapture,
+    ParameterView,
+    RowCoefficients,
+    SelfCheck,
+    ShardRowsLike,
+    ShardScatter,
+    as_shard_rows,
+)
 
-__all__ = ["DeepSpeedOnePass"]
+__all__ = ["DeepSpeedOnePass", "ZERO3_PARAMETERS"]
+
+ZERO3_PARAMETERS = ParameterView(
+    full_shape=lambda p: tuple(getattr(p, "ds_shape", p.shape)),
+    values_absent=lambda p: hasattr(p, "ds_id") or p.device.type == "meta",
+)
+"""ZeRO-3 parameters as one-pass capture must see them: ``ds_shape`` is the full shape, and a parameter
+with a ``ds_id`` is partitioned (its values are gathered only inside its module's forward)."""
 
 
 class DeepSpeedOnePass:
@@ -83,8 +99,8 @@ class DeepSpeedOnePass:
     """
 
     def __init__(self, engine, num_objectives: int, strategy: ShardStrategy | None = None, *,
-                 shard_buffer: ShardRowsLike | None = None, bucket_numel: int = _BUCKET_NUMEL,
-                 max_in_flight: int = _MAX_IN_FLIGHT, verify: bool = True, verify_every: int = 0) -> None:
+                 shard_buffer: ShardRowsLike | None = None, bucket_numel: int = BUCKET_NUMEL,
+                 max_in_flight: int = MAX_IN_FLIGHT, verify: bool = True, verify_every: int = 0) -> None:
         if strategy is None:
             strategy = make_strategy(engine, EngineLayout.from_engine(engine))
         reason = onepass_unsupported_reason(strategy.engine_layout)
@@ -92,8 +108,9 @@ class DeepSpeedOnePass:
             raise ValueError(f"one-pass capture cannot run on this engine: {reason}")
         self.engine = engine
         self.strategy = strategy
-        self.shard_layout = strategy.layout
-        self.capture = OnePassCapture(engine.module, num_objectives, verify=verify, verify_every=verify_every)
+        self.shard_layout = strategy.shard_layout
+        self.capture = OnePassCapture(engine.module, num_objectives, verify=verify, verify_every=verify_every,
+                                      parameter_view=ZERO3_PARAMETERS)
         self.capture.agree = self._agree
         device = torch.device(getattr(engine, "device", self.shard_layout.device))
         self.scatter: ShardScatter = strategy.onepass_scatter.build(
@@ -134,7 +151,7 @@ class DeepSpeedOnePass:
 
     def _agree(self, result: SelfCheck) -> SelfCheck:
         """Each parameter's worst self-check error over all ranks, so every rank reaches the same verdict."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not is_distributed():
             return result
         group = getattr(self.engine, "seq_data_parallel_group", None)
         device = collective_device(group)

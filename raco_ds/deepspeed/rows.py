@@ -43,7 +43,7 @@ class ShardRows:
         self.strategy = strategy
         self.num_objectives = num_objectives
         self.keep_last_in_engine = keep_last_in_engine and num_objectives > 1
-        shard = strategy.layout
+        shard = strategy.shard_layout
         rows = num_objectives - 1 if self.keep_last_in_engine else num_objectives
         self.buffer = torch.zeros(rows, shard.numel, dtype=torch.float32, device=shard.device)
         self.row_of: dict[int, int] = {}

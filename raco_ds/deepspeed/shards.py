@@ -51,7 +51,6 @@ capture that fills the shard; the Gram, the solve and the write-back do not chan
 from __future__ import annotations
 
 import abc
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +119,7 @@ class ShardStrategy(abc.ABC):
         self.optimizer = engine.optimizer
         self.engine_layout = engine_layout
         self._names = {id(p): n for n, p in engine.module.named_parameters()}
-        self.layout: ShardLayout = self._build_layout()
+        self.shard_layout: ShardLayout = self._build_layout()
         """The rank's shard (``RacoHook.shard_layout``); ``engine_layout`` is the engine's configuration."""
 
     # -- the interface -------------------------------------------------------------------------
@@ -152,9 +151,9 @@ class ShardStrategy(abc.ABC):
             else:
                 target.copy_(source)
             offset += n
-        if offset != self.layout.numel:
+        if offset != self.shard_layout.numel:
             raise AssertionError(
-                f"captured {offset} elements, the shard has {self.layout.numel}: DeepSpeed's layout changed"
+                f"captured {offset} elements, the shard has {self.shard_layout.numel}: DeepSpeed's layout changed"
             )
 
     def write(self, combined: torch.Tensor) -> None:
@@ -359,7 +358,7 @@ class ZeroPartitioned(ShardStrategy, _ZeroPartitionLayout):
                 group.flat_partition.copy_(segment)
             else:
                 flat = segment.to(opt.gradient_accumulation_dtype, copy=True)
-                group = self._views(flat, [s for s in self.layout.slices if s.group == i], base)
+                group = self._views(flat, [s for s in self.shard_layout.slices if s.group == i], base)
             opt.averaged_gradients[i] = group
             base += size
 
@@ -407,7 +406,7 @@ class ZeroPartitionedOffload(ShardStrategy, _ZeroPartitionLayout):
         # 0.2). Copy those from where DeepSpeed accumulated them. Idempotent.
         opt = self.optimizer
         fired = set(opt.norm_for_param_grads)
-        for piece in self.layout.slices:
+        for piece in self.shard_layout.slices:
             pid = opt.get_param_id(piece.param)
             if pid in fired or pid not in opt._offload_accumulated_param_ids:
                 continue
@@ -441,7 +440,7 @@ class ZeroPartitionedOffload(ShardStrategy, _ZeroPartitionLayout):
         flat = (
             torch.cat([g.grad.view(-1) for g in opt.single_partition_of_fp32_groups]) if combined is None else combined
         )
-        for piece in self.layout.slices:
+        for piece in self.shard_layout.slices:
             view = flat.narrow(0, piece.buffer_offset, piece.numel)
             opt.norm_for_param_grads[opt.get_param_id(piece.param)] = view.to(torch.float32).norm(2)
 
@@ -455,9 +454,6 @@ class Zero3(ShardStrategy):
     ``fp32_partitioned_groups_flat[i].grad`` and the norms are redone after the
     write-back with ``_finalize_offload_gradient_accumulation`` (stage3.py:1467).
     """
-
-    def _all_params(self) -> list[torch.nn.Parameter]:
-        return list(itertools.chain.from_iterable(self.optimizer.fp16_groups))
 
     onepass_scatter = PaddedPartitionScatter
 

@@ -17,14 +17,15 @@ Per optimizer step (DESIGN.md section 2, the distributed contract):
    handling, clipping, Adam and parameter all-gather).
 
 Everything Megatron-specific about *where* the shards are lives in
-``_layout.py``; the math lives in raco_ds.gram / consensus / solver.
+``_layout.py``; the step's sequence, bookkeeping and non-finite policy are
+:class:`raco_ds.step.RacoStep`'s; the math lives in raco_ds.gram / consensus / solver.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,20 +33,17 @@ import torch
 import torch.distributed as dist
 
 from raco_ds.collectives import collective_device
-from raco_ds.consensus import StepSolution, solve_across_ranks
-
-# The step stats and the non-finite error are shared with the DeepSpeed hook (raco_ds.step_stats),
-# so that logging and error handling do not depend on the backend.
-from raco_ds.step import StepOptions
-from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 from raco_ds.gram import local_gram
 from raco_ds.megatron._layout import MegatronShardLayout, UnsupportedMegatronSetupError
+from raco_ds.step import RacoStep, StepOptions
+from raco_ds.step_stats import NonFiniteGradientError, RacoStepStats
 
 __all__ = ["MegatronStepStats", "NonFiniteGradientError", "RacoMegatron"]
 
+
 @dataclass
 class MegatronStepStats(RacoStepStats):
-    """RacoHook's step stats (same fields and tags, raco_ds.deepspeed.hook) plus Megatron's step outcome."""
+    """RacoHook's step stats (same fields and tags, raco_ds.step_stats) plus Megatron's step outcome."""
 
     update_successful: bool = False
     """Megatron's ``optimizer.step()`` verdict (False when skipped, also by an fp16 overflow)."""
@@ -64,7 +62,7 @@ class MegatronStepStats(RacoStepStats):
         return out
 
 
-class RacoMegatron:
+class RacoMegatron(RacoStep):
     """RACO for megatron-core: per-objective owned-shard capture, Gram consensus, write-back, step.
 
     Args:
@@ -93,6 +91,8 @@ class RacoMegatron:
     the ``objective`` block.
     """
 
+    stats_type = MegatronStepStats
+
     def __init__(
         self,
         model: Any | Sequence[Any],
@@ -103,8 +103,7 @@ class RacoMegatron:
         on_nonfinite: str = "skip",
         verify: bool = True,
     ) -> None:
-        options = StepOptions.validated(weights, aggregator, c, on_nonfinite)
-        self.weights = options.weights
+        super().__init__(StepOptions.validated(weights, aggregator, c, on_nonfinite), verify=verify)
         self.chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         for chunk in self.chunks:
             if not (hasattr(chunk, "zero_grad_buffer") and hasattr(chunk, "buffers") and hasattr(chunk, "no_sync")):
@@ -119,25 +118,14 @@ class RacoMegatron:
                 "megatron.core.optimizer.get_megatron_optimizer(OptimizerConfig(...), model_chunks)"
             )
         self.optimizer = optimizer
-        self.aggregator, self.c, self.on_nonfinite = options.aggregator, options.c, options.on_nonfinite
-        self.verify = verify
-        self.layout = MegatronShardLayout.from_optimizer(optimizer)
+        self.shard_layout = MegatronShardLayout.from_optimizer(optimizer)
+        """This rank's owned ``main_grad`` slices, by grad-stats group (_layout.py)."""
         self._shards: list[torch.Tensor] = [
-            torch.zeros(self.num_objectives, s.numel, dtype=self.layout.dtype, device=self.layout.device)
-            for s in self.layout.sections
+            torch.zeros(self.num_objectives, s.numel, dtype=self.shard_layout.dtype, device=self.shard_layout.device)
+            for s in self.shard_layout.sections
         ]
-        self._captured = [False] * self.num_objectives
-        self._active: int | None = None
         self._finalized = False
-        self._seconds_capture = 0.0
         self._install_finalize_wrapper()
-
-    # ------------------------------------------------------------------ properties
-
-    @property
-    def num_objectives(self) -> int:
-        """K, the number of objectives (length of ``weights``)."""
-        return self.weights.numel()
 
     @property
     def shards(self) -> list[torch.Tensor]:
@@ -168,35 +156,7 @@ class RacoMegatron:
         finalize._raco_original = original  # type: ignore[attr-defined]
         config.finalize_model_grads_func = finalize
 
-    # ------------------------------------------------------------------ per objective
-
-    @contextlib.contextmanager
-    def objective(self, k: int) -> Iterator[None]:
-        """Accumulate objective k's gradient inside the block; capture its owned shard on exit."""
-        if not 0 <= k < self.num_objectives:
-            raise IndexError(f"objective {k} out of range for {self.num_objectives} objectives")
-        if self._active is not None:
-            raise RuntimeError(f"objective({k}) entered inside objective({self._active}); close that block first")
-        if self._captured[k]:
-            raise RuntimeError(f"objective {k} was already captured this step; call step() before capturing it again")
-        if not any(self._captured):
-            # Start of an optimizer step: Megatron's loop zeroes the buffers here.
-            self._zero_grad_buffers()
-        self._active, self._finalized = k, False
-        try:
-            yield
-        except BaseException:
-            self._active = None
-            raise
-        started = time.perf_counter()
-        if not self._finalized:
-            # raco.backward() path (no schedule ran finalize): reduce now, once.
-            self._finalize_impl(self.chunks)
-        self._capture(k)
-        self._zero_grad_buffers()
-        self._captured[k] = True
-        self._active = None
-        self._seconds_capture += time.perf_counter() - started
+    # ------------------------------------------------------------------ per objective (``with raco.objective(k)``)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's loss for the active objective (scaled by the loss scale).
@@ -214,20 +174,36 @@ class RacoMegatron:
                 stack.enter_context(chunk.no_sync())
             scaled.backward()
 
+    def _begin_objective(self, k: int) -> None:
+        if not any(self._captured):
+            # Start of an optimizer step: Megatron's loop zeroes the buffers here.
+            self._zero_grad_buffers()
+        self._finalized = False
+
+    def _end_objective(self, k: int) -> None:
+        if not self._finalized:
+            # raco.backward() path (no schedule ran finalize): reduce now, once.
+            self._finalize_impl(self.chunks)
+        self._capture(k)
+        self._zero_grad_buffers()
+
+    def _abort_objective(self, k: int) -> None:
+        self._zero_grad_buffers()
+
     def _zero_grad_buffers(self) -> None:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
 
     @torch.no_grad()
     def _capture(self, k: int) -> None:
-        for section, shard in zip(self.layout.sections, self._shards):
+        for section, shard in zip(self.shard_layout.sections, self._shards):
             offset = 0
             row = shard[k]
             for segment in section.segments:
                 row[offset : offset + segment.numel].copy_(segment.view())
                 offset += segment.numel
 
-    # ------------------------------------------------------------------ step
+    # ------------------------------------------------------------------ step (RacoStep.step)
 
     def _loss_scale(self) -> float:
         getter = getattr(self.optimizer, "get_loss_scale", None)
@@ -237,45 +213,29 @@ class RacoMegatron:
         subs = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         return any(getattr(sub, "grad_scaler", None) is not None for sub in subs)
 
-    def solve(self) -> tuple[StepSolution, dict[str, float]]:
-        """Gram of the captured shards, reduced over the grad-stats group(s), and the solve."""
-        missing = [k for k, done in enumerate(self._captured) if not done]
-        if missing:
-            raise RuntimeError(f"objectives {missing} were not captured this step; run `with raco.objective(k):` for each")
-        timings = {}
-        started = time.perf_counter()
+    def _local_gram(self) -> tuple[torch.Tensor, object]:
         # Grads are held multiplied by the fp16 loss scale; the Gram is reported unscaled
         # (the coefficients of every aggregator are invariant to that scale anyway).
         inv_scale2 = 1.0 / self._loss_scale() ** 2
-        grams = [local_gram(shard[:, : s.counted_numel]) * inv_scale2 for s, shard in zip(self.layout.sections, self._shards)]
-        timings["gram"] = time.perf_counter() - started
-        sections = self.layout.sections
+        sections = self.shard_layout.sections
+        grams = [local_gram(shard[:, : s.counted_numel]) * inv_scale2 for s, shard in zip(sections, self._shards)]
         if len(sections) == 1:
-            group = sections[0].group
-            gram = grams[0]
-        else:
-            # Several grad-stats groups (non-distributed optimizer with expert parameters):
-            # reduce each over its own group, as ChainedOptimizer.get_grad_norm does, then
-            # average the identical-in-exact-arithmetic totals over the world so that every
-            # rank solves bit-identical numbers.
-            total = torch.zeros_like(grams[0])
-            for section, part in zip(sections, grams):
-                part = part.to(collective_device(section.group))
-                dist.all_reduce(part, op=dist.ReduceOp.SUM, group=section.group)
-                total += part.cpu()
-            group, gram = None, total / dist.get_world_size()
-        solution = solve_across_ranks(
-            gram, self.weights, self.aggregator, self.c, group=group,
-            device=collective_device(group), verify=self.verify,
-        )
-        timings["allreduce"] = solution.seconds_allreduce
-        timings["solve"] = solution.seconds_solve
-        return solution, timings
+            return grams[0], sections[0].group
+        # Several grad-stats groups (non-distributed optimizer with expert parameters):
+        # reduce each over its own group, as ChainedOptimizer.get_grad_norm does, then
+        # average the identical-in-exact-arithmetic totals over the world so that every
+        # rank solves bit-identical numbers.
+        total = torch.zeros_like(grams[0])
+        for section, part in zip(sections, grams):
+            part = part.to(collective_device(section.group))
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=section.group)
+            total += part.cpu()
+        return total / dist.get_world_size(), None
 
     @torch.no_grad()
-    def write(self, coefficients: torch.Tensor) -> None:
+    def _write(self, coefficients: torch.Tensor) -> None:
         """Write sum_k coefficients[k] * S[k] into every owned ``main_grad`` slice (fp32 accumulation)."""
-        for section, shard in zip(self.layout.sections, self._shards):
+        for section, shard in zip(self.shard_layout.sections, self._shards):
             a = coefficients.to(device=shard.device, dtype=torch.float32)
             combined = torch.zeros(shard.shape[1], dtype=torch.float32, device=shard.device)
             for k in range(shard.shape[0]):
@@ -285,43 +245,23 @@ class RacoMegatron:
                 segment.view().copy_(combined[offset : offset + segment.numel])
                 offset += segment.numel
 
-    def step(self) -> MegatronStepStats:
-        """Solve, write the combination into the owned slices, run ``optimizer.step()``; reset for the next step."""
-        solution, timings = self.solve()
+    def _optimizer_step(self, stats: MegatronStepStats) -> None:
         started = time.perf_counter()
-        update_successful, grad_norm = False, None
-        if solution.skipped:
-            if self.on_nonfinite == "raise":
-                # The buffers were zeroed after each capture; dropping the shards clears the step.
-                stats = self._stats(solution, timings, False, None)
-                self._reset()
-                raise NonFiniteGradientError(stats)
-            if self._has_grad_scaler():
-                # fp16: hand Megatron the non-finite gradient so its scaler sees the
-                # overflow, backs off and skips the update, as it would without RACO.
-                self.write(torch.ones(self.num_objectives, dtype=torch.float64))
-        else:
-            self.write(solution.coefficients)
-        timings["write"] = time.perf_counter() - started
+        update_successful, grad_norm, _ = self.optimizer.step()
+        stats.seconds_step = time.perf_counter() - started
+        stats.update_successful = bool(update_successful)
+        stats.grad_norm = None if grad_norm is None else float(grad_norm)
+
+    def _skip(self, stats: MegatronStepStats) -> None:
+        if not self._has_grad_scaler():
+            return  # the buffers were zeroed after each capture: nothing to drop
+        # fp16: hand Megatron the non-finite gradient so its scaler sees the
+        # overflow, backs off and skips the update, as it would without RACO.
         started = time.perf_counter()
-        if not solution.skipped or self._has_grad_scaler():
-            update_successful, grad_norm, _ = self.optimizer.step()
-        timings["step"] = time.perf_counter() - started
-        stats = self._stats(solution, timings, bool(update_successful), grad_norm)
-        self._reset()
-        return stats
+        self._write(torch.ones(self.num_objectives, dtype=torch.float64))
+        stats.seconds_write = time.perf_counter() - started
+        self._optimizer_step(stats)
 
-    def _reset(self) -> None:
-        self._captured = [False] * self.num_objectives
-        self._seconds_capture = 0.0
-
-    def _stats(self, solution: StepSolution, timings: dict[str, float], ok: bool, grad_norm) -> MegatronStepStats:
-        return MegatronStepStats.from_solution(
-            solution,
-            update_successful=ok,
-            grad_norm=None if grad_norm is None else float(grad_norm),
-            seconds_capture=self._seconds_capture,
-            seconds_gram=timings.get("gram", 0.0),
-            seconds_write=timings.get("write", 0.0),
-            seconds_step=timings.get("step", 0.0),
-        )
+    def _discard(self) -> None:
+        # The captured rows are overwritten by the next step's captures; only the buffers need clearing.
+        self._zero_grad_buffers()

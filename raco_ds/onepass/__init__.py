@@ -7,6 +7,8 @@ See docs/onepass.md. Public names:
   :func:`shared_pair_coefficients`, :func:`coefficients_from_losses` -- the
   (K, R) row-coefficient matrix for the two data shapes;
 - :func:`register_rule` -- add a module type;
+- :class:`ParameterView` -- how a framework that partitions parameters shows their full shape
+  (:data:`PLAIN`: ordinary parameters);
 - :meth:`OnePassCapture.self_check` / :class:`SelfCheck` -- verify one capture pass against autograd
   on a real batch (what static checks cannot see); :class:`OnePassMismatchError` when they differ;
 - :class:`GradientSink` / :class:`ShardScatter` -- streaming: each parameter's K gradients reduced into the
@@ -26,16 +28,23 @@ from ._coefficients import (
     objective_row_coefficients,
     shared_pair_coefficients,
 )
+from ._params import PLAIN, ParameterView
 from ._rules import UnsupportedModuleError, register_rule
 from ._scatter import (
+    BUCKET_NUMEL,
+    MAX_IN_FLIGHT,
     CollectiveOrderError,
     FlatPartition,
     FlatPartitionScatter,
     PaddedPartitionScatter,
+    ShardRowsLike,
     ShardScatter,
+    as_shard_rows,
 )
 
 __all__ = [
+    "BUCKET_NUMEL",
+    "MAX_IN_FLIGHT",
     "CollectiveOrderError",
     "FlatPartition",
     "FlatPartitionScatter",
@@ -43,11 +52,15 @@ __all__ = [
     "GradientSink",
     "OnePassCapture",
     "OnePassMismatchError",
+    "PLAIN",
     "PaddedPartitionScatter",
+    "ParameterView",
     "RowCoefficients",
     "SelfCheck",
+    "ShardRowsLike",
     "ShardScatter",
     "UnsupportedModuleError",
+    "as_shard_rows",
     "coefficients_from_losses",
     "objective_row_coefficients",
     "register_rule",

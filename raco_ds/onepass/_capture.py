@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ._coefficients import RowCoefficients
+from ._params import PLAIN, ParameterView
 from ._rules import DeviceCoefficients, RuleSpec, UnsupportedModuleError, rule_for
 
 __all__ = ["FusedKernelError", "GradientSink", "OnePassCapture", "OnePassMismatchError", "SelfCheck",
@@ -228,6 +229,7 @@ class OnePassCapture:
         output_module: nn.Module | None = None,
         verify: bool = True,
         verify_every: int = 0,
+        parameter_view: ParameterView = PLAIN,
     ) -> None:
         if num_objectives < 1:
             raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
@@ -236,6 +238,7 @@ class OnePassCapture:
         self.model = model
         self.num_objectives = num_objectives
         self.accumulate_dtype = accumulate_dtype
+        self.parameter_view = parameter_view
         self._active = False
         self._coefficients: RowCoefficients | None = None
         self._device_cache: dict[torch.device, DeviceCoefficients] = {}
@@ -255,7 +258,7 @@ class OnePassCapture:
             if not own or id(module) in hooked:
                 continue
             hooked.add(id(module))
-            site = _Site(self, mname or type(module).__name__, module, rule_for(module, mname), own)
+            site = _Site(self, mname or type(module).__name__, module, rule_for(module, mname, parameter_view), own)
             site.handles.append(module.register_forward_hook(self._forward_hook(site)))
             self.sites.append(site)
         if output_module is None:
@@ -603,15 +606,13 @@ class OnePassCapture:
 
     # -- buffers -----------------------------------------------------------------------------
 
-    @staticmethod
-    def numel(p: nn.Parameter) -> int:
-        """The full (unpartitioned) element count of ``p`` (ZeRO-3 aware)."""
-        return int(getattr(p, "ds_numel", p.numel()))
+    def numel(self, p: nn.Parameter) -> int:
+        """The full (unpartitioned) element count of ``p`` (see :attr:`parameter_view`)."""
+        return self.parameter_view.numel(p)
 
-    @staticmethod
-    def shape(p: nn.Parameter) -> tuple[int, ...]:
-        """The full shape of ``p`` (ZeRO-3 aware)."""
-        return tuple(getattr(p, "ds_shape", p.shape))
+    def shape(self, p: nn.Parameter) -> tuple[int, ...]:
+        """The full (unpartitioned) shape of ``p`` (see :attr:`parameter_view`)."""
+        return tuple(self.parameter_view.full_shape(p))
 
     def _contribute(self, p: nn.Parameter, grad: torch.Tensor | None) -> None:
         """One hooked call's share of ``p`` (None: nothing); under streaming, hand ``p`` over once complete."""
@@ -670,11 +671,6 @@ class OnePassCapture:
         self._buffers.clear()
         self._nonfinite.clear()
         self.live_buffer_bytes = 0
-
-    @property
-    def unused_modules(self) -> list[str]:
-        """Hooked modules that did not run in the last pass (their gradients are zero)."""
-        return [s.name for s in self.sites if not s.fired]
 
     def remove(self) -> None:
         """Remove every hook (the model is back to plain)."""

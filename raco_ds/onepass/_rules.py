@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._coefficients import CoefficientShape, RowCoefficients
+from ._params import PLAIN, ParameterView
 
 __all__ = ["DeviceCoefficients", "Rule", "RuleSpec", "UnsupportedModuleError", "rule_for"]
 
@@ -208,7 +209,7 @@ def _conv1d(module: nn.Module, name: str, x: torch.Tensor, g: torch.Tensor, dc: 
     return _affine(x, g, name, dc, wanted, weight_is_out_in=False)
 
 
-def _embedding_rule(scale: float) -> Rule:
+def _embedding_rule(scale: float, view: ParameterView) -> Rule:
     """The rule of ``y = E[ids] * scale`` (``scale`` 1.0 for nn.Embedding): dE[id] += scale * g per occurrence."""
 
     def rule(module: nn.Module, name: str, ids: torch.Tensor, g: torch.Tensor, dc: DeviceCoefficients,
@@ -217,7 +218,7 @@ def _embedding_rule(scale: float) -> Rule:
         weight = module.weight
         if "weight" not in wanted:
             return {}
-        vocab, dim = tuple(getattr(weight, "ds_shape", weight.shape))
+        vocab, dim = view.full_shape(weight)
         k = dc.matrix.shape[0]
         flat_ids = ids.reshape(-1)
         gf = g.reshape(dc.num_rows, -1, dim).to(torch.float32)
@@ -282,15 +283,10 @@ def _overrides_forward(module: nn.Module, base: type) -> bool:
     return type(module).forward is not base.forward
 
 
-def _is_partitioned(weight: torch.Tensor) -> bool:
-    """True when the weight's values are not on this rank (ZeRO-3) or not materialised (meta)."""
-    return hasattr(weight, "ds_id") or weight.device.type == "meta"
-
-
-def _check_hf_rms_norm(module: nn.Module, name: str) -> None:
+def _check_hf_rms_norm(module: nn.Module, name: str, view: ParameterView) -> None:
     """Verify numerically, for this instance, that the module's weight gradient is g * xhat."""
     weight = module.weight
-    if _is_partitioned(weight) or weight.dim() != 1:
+    if view.values_absent(weight) or weight.dim() != 1:
         return  # values not here: the capture's first-step self-check covers it
     dim = weight.shape[0]
     gen = torch.Generator().manual_seed(0)
@@ -309,7 +305,7 @@ def _check_hf_rms_norm(module: nn.Module, name: str) -> None:
         )
 
 
-def _embedding_scale(module: nn.Embedding, name: str) -> float:
+def _embedding_scale(module: nn.Embedding, name: str, view: ParameterView) -> float:
     """The scalar s of an embedding subclass whose forward is ``E[ids] * s``, measured on this instance.
 
     The forward runs on a small random table (functional_call), so nothing of the
@@ -319,7 +315,7 @@ def _embedding_scale(module: nn.Embedding, name: str) -> float:
     hypothesis that the capture's first-step self-check then verifies.
     """
     weight = module.weight
-    if _is_partitioned(weight):
+    if view.values_absent(weight):
         scale = getattr(module, "embed_scale", 1.0)
         return float(scale.item() if isinstance(scale, torch.Tensor) else scale)
     rows = max(8, (module.padding_idx or 0) + 1)
@@ -384,7 +380,7 @@ _WEIGHT = frozenset({"weight"})
 _WEIGHT_BIAS = frozenset({"weight", "bias"})
 
 
-def _builtin_rule(module: nn.Module, name: str) -> RuleSpec | None:
+def _builtin_rule(module: nn.Module, name: str, view: ParameterView) -> RuleSpec | None:
     """The built-in rule of a standard module, checked on this instance; None when there is none."""
     cls = type(module)
     if isinstance(module, nn.Linear) and not _overrides_forward(module, nn.Linear):
@@ -397,8 +393,8 @@ def _builtin_rule(module: nn.Module, name: str) -> RuleSpec | None:
             )
         # A plain nn.Embedding's forward is the lookup whatever attributes it carries (a scale that
         # the caller applies is already inside the output gradient); a subclass is measured.
-        scale = _embedding_scale(module, name) if _overrides_forward(module, nn.Embedding) else 1.0
-        return RuleSpec(_embedding_rule(scale), _WEIGHT)
+        scale = _embedding_scale(module, name, view) if _overrides_forward(module, nn.Embedding) else 1.0
+        return RuleSpec(_embedding_rule(scale, view), _WEIGHT)
     if isinstance(module, nn.LayerNorm) and not _overrides_forward(module, nn.LayerNorm):
         return RuleSpec(_layer_norm, _WEIGHT_BIAS)
     if isinstance(module, nn.RMSNorm) and not _overrides_forward(module, nn.RMSNorm):
@@ -407,19 +403,21 @@ def _builtin_rule(module: nn.Module, name: str) -> RuleSpec | None:
         return RuleSpec(_conv1d, _WEIGHT_BIAS)
     own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     if cls.__name__.endswith("RMSNorm") and own == ["weight"]:
-        _check_hf_rms_norm(module, name)
+        _check_hf_rms_norm(module, name, view)
         return RuleSpec(_hf_rms_norm, _WEIGHT)
     return None
 
 
-def rule_for(module: nn.Module, name: str) -> RuleSpec:
+def rule_for(module: nn.Module, name: str, view: ParameterView = PLAIN) -> RuleSpec:
     """The rule for ``module``, or raise :class:`UnsupportedModuleError` naming it, the parameters, and the fix.
+
+    ``view`` says how the framework holds the parameters (their full shape, whether the values are here).
 
     Raises as well when the rule does not cover every trainable parameter the
     module owns (a scale registered on an nn.Linear, weight_norm's g and v).
     """
     cls = type(module)
-    spec = _RULES.get(cls) or _builtin_rule(module, name)
+    spec = _RULES.get(cls) or _builtin_rule(module, name, view)
     own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
     if spec is None:
         raise UnsupportedModuleError(

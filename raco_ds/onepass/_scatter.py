@@ -65,16 +65,18 @@ import torch.distributed as dist
 
 from ._capture import OnePassCapture
 
-__all__ = ["CollectiveOrderError", "FlatPartition", "FlatPartitionScatter", "PaddedPartitionScatter", "ShardRowsLike",
-           "ShardScatter", "as_shard_rows"]
+__all__ = ["BUCKET_NUMEL", "MAX_IN_FLIGHT", "CollectiveOrderError", "FlatPartition", "FlatPartitionScatter",
+           "PaddedPartitionScatter", "ShardRowsLike", "ShardScatter", "as_shard_rows"]
 
 logger = logging.getLogger(__name__)
 
 # Full-parameter elements (per objective) per collective. Bounds the transient full-size gradients a
 # rank holds at about K x 3 x this (plus the largest parameter): 1M elements = 4 MiB per objective in
 # fp32, 8-16 MB per collective at K = 2-4 (past the size where NCCL reaches full bandwidth).
-_BUCKET_NUMEL = 1 << 20
-_MAX_IN_FLIGHT = 1  # collectives issued and not yet waited for: overlap vs. staging memory
+BUCKET_NUMEL = 1 << 20
+"""Default full-parameter elements (per objective) per collective of a :class:`ShardScatter`."""
+MAX_IN_FLIGHT = 1
+"""Default collectives issued and not yet waited for: overlap vs. staging memory."""
 # torch 2.13 renamed reduce_scatter_tensor (now a deprecated alias); older releases have only that name.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _HASH_MOD = (1 << 61) - 1  # a Mersenne prime: the order hash stays a positive int64
@@ -185,8 +187,8 @@ class ShardScatter(abc.ABC):
     """
 
     def __init__(self, capture: OnePassCapture, shard_numel: int, params: dict[int, _Param], *, group,
-                 world_size: int, rank: int, device: torch.device, bucket_numel: int = _BUCKET_NUMEL,
-                 max_in_flight: int = _MAX_IN_FLIGHT) -> None:
+                 world_size: int, rank: int, device: torch.device, bucket_numel: int = BUCKET_NUMEL,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.capture = capture
         self.shard_numel = shard_numel
         self.params = params
@@ -212,7 +214,7 @@ class ShardScatter(abc.ABC):
 
     @classmethod
     def build(cls, capture: OnePassCapture, partitions: Sequence[FlatPartition], shard_numel: int, *,
-              device: torch.device, bucket_numel: int = _BUCKET_NUMEL, max_in_flight: int = _MAX_IN_FLIGHT) -> ShardScatter:
+              device: torch.device, bucket_numel: int = BUCKET_NUMEL, max_in_flight: int = MAX_IN_FLIGHT) -> ShardScatter:
         """The scatter that reduces ``capture``'s gradients into a shard of ``shard_numel`` described by ``partitions``.
 
         Every partitioned parameter must be one the capture tracks (``ValueError`` otherwise).
