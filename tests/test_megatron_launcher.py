@@ -1,5 +1,5 @@
-"""raco_ds.megatron.train (what launchers/train_megatron.py runs) on 2 CPU ranks (real bundled data, tiny GPTModel, RACO steps),
-and a CPU dry run of scripts/gpu_check_megatron.py.
+"""raco_ds.megatron.train (what launchers/train_megatron.py runs) on 2 CPU ranks (real bundled data, tiny
+GPTModel, RACO steps), and a CPU dry run of scripts/gpu_check_megatron.py.
 
 One launch trains two layouts in turn: pipeline parallel 2 with tied embeddings
 (the reference pass and the losses on the last stage) and tensor parallel 2.
