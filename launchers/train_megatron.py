@@ -2,61 +2,79 @@
 
 Needs megatron-core (``pip install -e .[megatron]``) and one GPU per rank:
 
-    torchrun --nproc_per_node 8 launchers/train_megatron.py --tensor-parallel 2 --pipeline-parallel 2 \\
-        --num-layers 8 --hidden-size 1024 --num-attention-heads 16 --ffn-hidden-size 4096 \\
-        --dataset pku_saferlhf --weights 0.3,0.7 --aggregator raco --c 0.4 --bf16 --max-steps 100
+    torchrun --nproc_per_node 8 launchers/train_megatron.py --megatron.tensor_parallel 2 \\
+        --megatron.pipeline_parallel 2 --megatron.num_layers 8 --megatron.hidden_size 1024 \\
+        --megatron.num_attention_heads 16 --megatron.ffn_hidden_size 4096 --model.dtype bf16 \\
+        --data pku_saferlhf --objectives helpful,harmless --weights 0.3,0.7 --aggregator raco --c 0.4 \\
+        --max-steps 100 --output-dir outputs/mcore --checkpointing.save_every 20 --resume
 
 A minimal run (tiny GPTModel, bundled PKU-SafeRLHF sample, locally trained tokenizer):
 
-    torchrun --nproc_per_node 2 launchers/train_megatron.py --tensor-parallel 2
+    torchrun --nproc_per_node 2 launchers/train_megatron.py --megatron.tensor_parallel 2
 
-Every field of raco_ds.megatron.train.MegatronTrainConfig is a ``--flag`` (``--help`` lists them).
+The options are launchers/train.py's (same sections, short aliases, ``--config run.yaml``, strict
+validation) plus the ``megatron.*`` section; ``--help`` lists them. A SIGUSR1 or SIGTERM checkpoints
+at the end of the step and exits 85 (slurm/raco_megatron.sh requeues the job, which resumes with
+``--resume``). A user error prints one ``error:`` line and exits 2; ``--debug`` adds its traceback.
 See docs/megatron.md.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from raco_ds.megatron.train import MegatronTrainConfig, train  # noqa: E402
-from raco_ds.trainer.config import field_docs  # noqa: E402
+# Before any heavy import: an early USR1/TERM becomes a flag the loop polls, not a dead job.
+from raco_ds.preemption import PreemptionHandler  # noqa: E402 - stdlib only
 
+STOPPER = PreemptionHandler().install() if __name__ == "__main__" else None
 
-def parse_args(argv: list[str]) -> MegatronTrainConfig:
-    """``--field-name value`` for every config field (booleans: ``--flag`` / ``--no-flag``)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    docs = field_docs(MegatronTrainConfig)
-    for f in dataclasses.fields(MegatronTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {f.default})"
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), type(f.default))
-            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
-    return MegatronTrainConfig(**vars(parser.parse_args(argv)))
+from raco_ds.megatron.config import megatron_help_text, parse_megatron_args  # noqa: E402
+from raco_ds.trainer.config import ConfigError  # noqa: E402
+
+DEBUG_FLAG = "--debug"
+"""Print the traceback of a user error too (the launcher's own flag)."""
 
 
 def main(argv: list[str]) -> int:
-    """Parse, train, tear down; return the exit status."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    cfg = parse_args(argv)
+    """Parse, train, tear down; return the process exit status."""
+    if "--help" in argv or "-h" in argv:
+        print(megatron_help_text())
+        return 0
+    debug = DEBUG_FLAG in argv
+    try:
+        cfg = parse_megatron_args([arg for arg in argv if arg != DEBUG_FLAG])
+    except ConfigError as err:  # a typo must not cost a Megatron start-up
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    import logging
+
     import torch.distributed as dist
 
-    owns_process_group = not dist.is_initialized()  # torchrun: train() initialises it
+    from raco_ds.megatron.train import train
+    from raco_ds.user_errors import EXIT_USER_ERROR, user_error_line
+
+    logging.basicConfig(level=logging.WARNING, format="[%(asctime)s raco] %(message)s", datefmt="%H:%M:%S")
     try:
-        train(cfg)
+        train(cfg, stopper=STOPPER)
+    except Exception as err:
+        line = user_error_line(err)
+        if line is None:
+            raise
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(line, file=sys.stderr)
+        return EXIT_USER_ERROR
     finally:
         from megatron.core import parallel_state as ps
 
         ps.destroy_model_parallel()
-        if owns_process_group and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
     return 0
 

@@ -5,8 +5,9 @@
 #   1. reads the allocation from SLURM (nodes, tasks per node, node list),
 #   2. writes the hostfile, picks MASTER_ADDR (first host) and MASTER_PORT,
 #   3. refuses a second job on the same output directory (raco_ds.preemption lock),
-#   4. runs the preflight memory plan (launchers/plan.py), which also writes the
-#      DeepSpeed config actually launched (offload applied),
+#   4. DeepSpeed: runs the preflight memory plan (launchers/plan.py), which also
+#      writes the DeepSpeed config actually launched (offload applied); Megatron
+#      (RACO_BACKEND=megatron, slurm/raco_megatron.sh): no plan (it models ZeRO),
 #   5. starts one trainer per GPU with srun (slurm/_task.sh sets RANK, LOCAL_RANK,
 #      WORLD_SIZE), always with --resume,
 #   6. on the time-limit warning (USR1, sent to this shell by --signal=B:USR1@300)
@@ -29,7 +30,12 @@ set -euo pipefail
 : "${RACO_TRAIN_ARGS:=--model.dtype bfloat16 --model.gradient_checkpointing true --model.trainable_last_blocks -1}"
 : "${RACO_MAX_REQUEUES:=20}"               # stop requeueing after this many restarts (a job that never progresses)
 : "${RACO_PYTHON:=python3}"
-: "${RACO_TRAIN_ENTRY:=launchers/train.py}"
+: "${RACO_BACKEND:=deepspeed}"             # deepspeed (launchers/train.py) | megatron (launchers/train_megatron.py)
+case "$RACO_BACKEND" in
+    deepspeed) : "${RACO_TRAIN_ENTRY:=launchers/train.py}" ;;
+    megatron) : "${RACO_TRAIN_ENTRY:=launchers/train_megatron.py}" ;;
+    *) printf 'error: RACO_BACKEND=%s; use deepspeed or megatron\n' "$RACO_BACKEND" >&2; exit 1 ;;
+esac
 : "${RACO_DRY_RUN:=0}"
 # NCCL / CUDA. Exported only when set, so the cluster's own defaults stay in force otherwise.
 : "${NCCL_DEBUG:=WARN}"                    # INFO to debug hangs and topology
@@ -94,14 +100,20 @@ printf '# MASTER_ADDR=%s MASTER_PORT=%s WORLD_SIZE=%s\n' "$MASTER_ADDR" "$MASTER
 run "$RACO_PYTHON" -m raco_ds.preemption check-lock "$RACO_OUTPUT_DIR" ||
     raco_die "output directory $RACO_OUTPUT_DIR is locked by another job (message above)"
 
-# --- 4. preflight memory plan; writes the DeepSpeed config that is launched ---
-DS_CONFIG_RUN="$RACO_OUTPUT_DIR/ds_config.json"
-PLAN=("$RACO_PYTHON" launchers/plan.py --model "$RACO_PLAN_MODEL" --nodes "$NNODES"
-    --gpus-per-node "$GPUS_PER_NODE" --ds-config "$RACO_DS_CONFIG" --offload "$RACO_OFFLOAD"
-    --objectives "$RACO_OBJECTIVES" --micro-batch "$RACO_MICRO_BATCH" --seq-len "$RACO_SEQ_LEN"
-    --gpu-mem-gib "$RACO_GPU_MEM_GIB" --reference "$RACO_REFERENCE" --write-ds-config "$DS_CONFIG_RUN")
-if [[ -n "$RACO_HOST_MEM_GIB" ]]; then PLAN+=(--host-mem-gib "$RACO_HOST_MEM_GIB"); fi
-run "${PLAN[@]}" || raco_die "the preflight plan refused this job (see above: change the layout, then resubmit)"
+# --- 4. DeepSpeed: preflight memory plan, which writes the DeepSpeed config that is launched ---
+if [[ "$RACO_BACKEND" == "deepspeed" ]]; then
+    DS_CONFIG_RUN="$RACO_OUTPUT_DIR/ds_config.json"
+    PLAN=("$RACO_PYTHON" launchers/plan.py --model "$RACO_PLAN_MODEL" --nodes "$NNODES"
+        --gpus-per-node "$GPUS_PER_NODE" --ds-config "$RACO_DS_CONFIG" --offload "$RACO_OFFLOAD"
+        --objectives "$RACO_OBJECTIVES" --micro-batch "$RACO_MICRO_BATCH" --seq-len "$RACO_SEQ_LEN"
+        --gpu-mem-gib "$RACO_GPU_MEM_GIB" --reference "$RACO_REFERENCE" --write-ds-config "$DS_CONFIG_RUN")
+    if [[ -n "$RACO_HOST_MEM_GIB" ]]; then PLAN+=(--host-mem-gib "$RACO_HOST_MEM_GIB"); fi
+    run "${PLAN[@]}" || raco_die "the preflight plan refused this job (see above: change the layout, then resubmit)"
+    ENGINE_ARGS=(--ds_config "$DS_CONFIG_RUN")
+else
+    raco_log "megatron: no preflight plan (launchers/plan.py models DeepSpeed ZeRO only)"
+    ENGINE_ARGS=()
+fi
 
 # --- 5. one trainer per GPU on every node ---
 read -r -a TRAIN_ARGS <<<"$RACO_TRAIN_ARGS"
@@ -110,7 +122,7 @@ SRUN=(srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --ntasks="$WORLD
     # srun stopped inheriting sbatch's --cpus-per-task in SLURM 22.05: without it each rank gets one core.
     --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"
     bash slurm/_task.sh "$RACO_PYTHON" -u "$RACO_TRAIN_ENTRY"
-    --ds_config "$DS_CONFIG_RUN" --model "$RACO_MODEL" --data "$RACO_DATA"
+    "${ENGINE_ARGS[@]}" --model "$RACO_MODEL" --data "$RACO_DATA"
     --objectives "$RACO_OBJECTIVES" --weights "$RACO_WEIGHTS" --output-dir "$RACO_OUTPUT_DIR"
     --optimisation.micro_batch_size "$RACO_MICRO_BATCH" --data.max_length "$RACO_SEQ_LEN"
     --resume "${TRAIN_ARGS[@]}")

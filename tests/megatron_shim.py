@@ -53,6 +53,8 @@ _CUDA_LITERAL_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.transformer.utils",
     "megatron.core.pipeline_parallel.p2p_communication",
+    # distributed checkpointing: torch.cuda.synchronize() before its writer threads copy the shards
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
 )
 _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "zeros_like", "empty_like")
 

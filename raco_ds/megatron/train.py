@@ -1,143 +1,128 @@
-"""A RACO preference-training loop on megatron-core (TP x PP x DP, distributed optimizer).
+"""A RACO preference-training loop on megatron-core (TP x PP x DP, distributed optimizer), resumable.
 
-The model is a megatron-core GPTModel built from the config (Llama-style:
-RMSNorm, SwiGLU, RoPE, untied or tied embeddings), trained from its
-initialisation; the reference model is a frozen copy of it, run through the
-same pipeline schedule with ``forward_only=True``. Each optimizer step takes
-``micro_batches`` micro-batches of pairs per data-parallel rank and runs one
-schedule pass per objective inside ``RacoMegatron.objective(k)``, then
-``RacoMegatron.step()``.
+:func:`train` takes the launcher's :class:`~raco_ds.megatron.config.MegatronTrainConfig`
+(the DeepSpeed trainer's sections plus ``megatron``) and runs, in phases:
 
-Log-probs: Megatron's GPTModel returns the per-token cross-entropy of the
-labels (vocab-parallel aware), so a row's response log-prob is minus the sum
-of that cross-entropy over its response tokens; every stage runs the same
-code, the last stage computes the losses.
+0. setup      torch.distributed + Megatron's parallel state, seeds, run folder + lock, stop signals
+1. build      tokenizer, data (the trainer's held-out split and resumable per-DP-rank streams),
+              policy GPTModel + a frozen reference copy, DDP, optimizer, RacoMegatron
+2. resume     model, optimizer, RNG and data positions from the newest verified checkpoint
+3. loop       reference pass -> one schedule pass per objective -> raco.step() -> log -> checkpoint
+4. finish     final checkpoint
+
+The model is a Llama-style megatron-core GPTModel (RMSNorm, SwiGLU, RoPE,
+tied embeddings by default) built from ``megatron.*`` and trained from its
+seeded initialisation; the reference is a frozen copy of the initial weights,
+run through the same pipeline schedule with ``forward_only=True`` (a resumed
+run rebuilds it from the same seed). Megatron's GPTModel returns the per-token
+cross-entropy of the labels (vocab-parallel aware), so a row's response
+log-prob is minus its sum over the response tokens; the last stage computes
+the losses.
+
+Checkpoints are raco_ds.trainer.checkpoint's (atomic, manifest-verified,
+falling back to the newest intact one) over Megatron's distributed
+checkpointing (raco_ds.megatron.checkpoint). A SIGUSR1/SIGTERM (SLURM's
+time-limit warning) makes every rank checkpoint at the end of the step and
+exit with :data:`raco_ds.preemption.EXIT_REQUEUE`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from raco_ds.megatron.config import MegatronTrainConfig
+from raco_ds.trainer.config import ConfigError, save_config
+from raco_ds.trainer.metrics import TAGS
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["MegatronTrainConfig", "train"]
+__all__ = ["train"]
 
 
-@dataclass(kw_only=True)
-class MegatronTrainConfig:
-    """Everything ``launchers/train_megatron.py`` accepts (each field is a ``--flag``)."""
-
-    tensor_parallel: int = 1
-    """Tensor-parallel size."""
-    pipeline_parallel: int = 1
-    """Pipeline-parallel size (needs num_layers divisible by it)."""
-    num_layers: int = 2
-    """Transformer layers."""
-    hidden_size: int = 64
-    """Hidden size."""
-    num_attention_heads: int = 4
-    """Attention heads (divisible by tensor_parallel)."""
-    ffn_hidden_size: int = 128
-    """MLP hidden size (SwiGLU)."""
-    tie_embeddings: bool = True
-    """Tie input embeddings and the output layer (across pipeline stages when PP > 1)."""
-    tokenizer: str = "tiny"
-    """A local Hugging Face tokenizer folder, or "tiny" (byte-level BPE trained on the bundled data)."""
-    dataset: str = "pku_saferlhf"
-    """A raco_ds.data preset (bundled samples) or a TRL-format preference file."""
-    seq_length: int = 128
-    """Tokens per row (prompt + response); every micro-batch is padded to it (pipeline shapes are fixed)."""
-    micro_batch_pairs: int = 2
-    """Preference pairs per micro-batch (2x rows: response A rows, then response B rows)."""
-    micro_batches: int = 2
-    """Micro-batches per objective per optimizer step on each data-parallel rank."""
-    weights: str = ""
-    """Comma-separated objective weights on the simplex; empty = uniform."""
-    aggregator: str = "raco"
-    """raco, cagrad, linear (weighted-loss DPO) or mgda."""
-    c: float = 0.4
-    """RACO's conflict radius."""
-    loss: str = "dpo"
-    """Per-objective preference loss: dpo, ipo, hinge, simpo."""
-    beta: float = 0.2
-    """Preference loss inverse temperature."""
-    lr: float = 1e-4
-    """Adam learning rate."""
-    clip_grad: float = 1.0
-    """Megatron's global gradient-norm clip (of the combined RACO gradient)."""
-    bf16: bool = False
-    """Train in bf16 with fp32 main parameters and fp32 gradient reduction (GPUs)."""
-    max_steps: int = 4
-    """Optimizer steps."""
-    seed: int = 0
-    """Seed for initialisation and data order."""
+# ---------------------------------------------------------------------------
+# Phase 0: setup.
 
 
 def _init_distributed(cfg: MegatronTrainConfig) -> None:
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count())))
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    world = dist.get_world_size()
-    if world % (cfg.tensor_parallel * cfg.pipeline_parallel):
-        raise ValueError(
-            f"world size {world} is not a multiple of tensor_parallel({cfg.tensor_parallel}) x "
-            f"pipeline_parallel({cfg.pipeline_parallel}); launch a multiple of their product of ranks"
+    mc, world = cfg.megatron, dist.get_world_size()
+    if world % (mc.tensor_parallel * mc.pipeline_parallel):
+        raise ConfigError(
+            f"world size {world} is not a multiple of megatron.tensor_parallel({mc.tensor_parallel}) x "
+            f"megatron.pipeline_parallel({mc.pipeline_parallel}); launch a multiple of their product of ranks"
         )
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=cfg.tensor_parallel, pipeline_model_parallel_size=cfg.pipeline_parallel
+        tensor_model_parallel_size=mc.tensor_parallel, pipeline_model_parallel_size=mc.pipeline_parallel
     )
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.optimisation.seed)
     if torch.cuda.is_available():
-        model_parallel_cuda_manual_seed(cfg.seed)
+        model_parallel_cuda_manual_seed(cfg.optimisation.seed)
 
 
-def _tokenizer(cfg: MegatronTrainConfig) -> Any:
-    if cfg.tokenizer == "tiny":
-        from raco_ds.tiny_models import train_tiny_tokenizer
+def _resume_point(cfg: MegatronTrainConfig, root: Path, world: int) -> Any:
+    """The verified checkpoint to continue from, or None; refused now, before any model is built."""
+    from raco_ds.trainer import checkpoint as ckpt
 
-        return train_tiny_tokenizer()
-    from transformers import AutoTokenizer
+    if ckpt.find_latest(root) is None:
+        return None
+    if not cfg.checkpointing.resume:
+        raise ConfigError(
+            f"{root.parent} already holds checkpoints; pass --resume to continue that run, or a new --output-dir"
+        )
+    latest = ckpt.find_resumable(root, strict=cfg.checkpointing.resume == "strict")
+    for damage in latest.damaged:
+        logger.warning("%s; resuming from the newest intact checkpoint %s", damage, latest.folder.name)
+    names, weights = list(cfg.objectives.names), cfg.objectives.weights
+    for note in ckpt.check_compatible(latest.state, latest.folder, names, world, weights, cfg.raco.aggregator):
+        logger.warning(note)
+    return latest
 
-    return AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+
+# ---------------------------------------------------------------------------
+# Phase 1: build.
 
 
-def _build_model(cfg: MegatronTrainConfig, vocab_size: int) -> tuple[Any, Any]:
+def _build_model(cfg: MegatronTrainConfig, vocab_size: int) -> tuple[Any, Any, Any]:
+    """(TransformerConfig, policy, frozen reference with the policy's initial weights)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    mc, bf16 = cfg.megatron, cfg.model.dtype == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     config = TransformerConfig(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        ffn_hidden_size=cfg.ffn_hidden_size, normalization="RMSNorm", gated_linear_unit=True,
+        num_layers=mc.num_layers, hidden_size=mc.hidden_size, num_attention_heads=mc.num_attention_heads,
+        ffn_hidden_size=mc.ffn_hidden_size, normalization="RMSNorm", gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        tensor_model_parallel_size=cfg.tensor_parallel, pipeline_model_parallel_size=cfg.pipeline_parallel,
-        pipeline_dtype=dtype, params_dtype=dtype, bf16=cfg.bf16,
+        tensor_model_parallel_size=mc.tensor_parallel, pipeline_model_parallel_size=mc.pipeline_parallel,
+        pipeline_dtype=dtype, params_dtype=dtype, bf16=bf16,
         hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not torch.cuda.is_available(),
-    )
+    )  # fmt: skip
     # Pad the vocabulary so that every tensor-parallel rank holds an equal slice.
-    padded_vocab = -(-vocab_size // (128 * cfg.tensor_parallel)) * 128 * cfg.tensor_parallel
+    padded_vocab = -(-vocab_size // (128 * mc.tensor_parallel)) * 128 * mc.tensor_parallel
 
     def build() -> Any:
         model = GPTModel(
             config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-            vocab_size=padded_vocab, max_sequence_length=cfg.seq_length, position_embedding_type="rope",
+            vocab_size=padded_vocab, max_sequence_length=cfg.data.max_length, position_embedding_type="rope",
             pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-            share_embeddings_and_output_weights=cfg.tie_embeddings,
+            share_embeddings_and_output_weights=mc.tie_embeddings,
         )
         return model.cuda() if torch.cuda.is_available() else model
 
@@ -145,23 +130,21 @@ def _build_model(cfg: MegatronTrainConfig, vocab_size: int) -> tuple[Any, Any]:
     reference = build()
     reference.load_state_dict(policy.state_dict())
     reference.requires_grad_(False).eval()
-    return config, (policy, reference)
+    return config, policy, reference
 
 
 def _pad(batch: Any, length: int, pad_id: int) -> Any:
     """Pad rows to the fixed pipeline sequence length (longer rows were truncated by tokenisation)."""
     extra = length - batch.input_ids.shape[1]
-    if extra < 0:
-        raise ValueError(f"a row has {batch.input_ids.shape[1]} tokens > seq_length={length}")
-    pad = lambda t, v: torch.nn.functional.pad(t, (0, extra), value=v)
+    pad = lambda t, v: torch.nn.functional.pad(t, (0, extra), value=v)  # noqa: E731
     return dataclasses.replace(
         batch, input_ids=pad(batch.input_ids, pad_id), attention_mask=pad(batch.attention_mask, 0),
         response_mask=pad(batch.response_mask, False),
     )
 
 
-def _row_logps(model: Any, batch: Any) -> torch.Tensor | None:
-    """(2B,) summed response log-probs on the last stage (its output tensor on other stages)."""
+def _row_token_losses(model: Any, batch: Any) -> torch.Tensor:
+    """Per-token cross-entropy (last stage; the stage's output tensor on the others)."""
     device = next(model.parameters()).device
     ids = batch.input_ids.to(device)
     positions = torch.arange(ids.shape[1], device=device).expand_as(ids)
@@ -170,131 +153,200 @@ def _row_logps(model: Any, batch: Any) -> torch.Tensor | None:
     return model(ids, positions, None, labels=labels)
 
 
-def _logps_from_token_losses(per_token: torch.Tensor, batch: Any) -> torch.Tensor:
+def _logps_and_lengths(per_token: torch.Tensor, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     scored = torch.nn.functional.pad(batch.response_mask[:, 1:], (0, 1), value=False).to(per_token.device)
-    return -(per_token.float() * scored).sum(-1)
+    return -(per_token.float() * scored).sum(-1), scored.sum(-1)
 
 
-def train(cfg: MegatronTrainConfig) -> list[dict[str, float]]:
-    """Train for ``cfg.max_steps`` optimizer steps; return the per-step scalars (last stage, DP rank 0)."""
+# ---------------------------------------------------------------------------
+# Logging and the metrics file (written by the logging rank: last stage, TP and DP rank 0).
+
+
+def _append_metrics(path: Path, record: dict[str, float]) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop lines logged after ``step``: a stopped run may have logged steps it never checkpointed."""
+    from raco_ds.diskcache import atomic_file
+
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float]]:
+    """Train to ``optimisation.max_steps`` (or a stop); return this job's per-step scalars (every rank).
+
+    ``stopper``: an installed :class:`raco_ds.preemption.PreemptionHandler` (the launcher installs
+    one before its heavy imports); None installs one for the duration of the run.
+    """
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-    )
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from raco_ds.data import (
-        DistributedPairSampler,
-        PreferenceCollator,
-        TokenizationConfig,
-        get_preset,
-        load_preference_data,
-        tokenize_preference_data,
-        trl_spec,
-    )
-    from raco_ds.data.objectives import PRESETS
-    from raco_ds.losses import preference_losses
+    from raco_ds.losses import get_loss, preference_losses
     from raco_ds.megatron import RacoMegatron
+    from raco_ds.megatron.checkpoint import MegatronCheckpointEngine
+    from raco_ds.preemption import OutputDirLock, PreemptionHandler
+    from raco_ds.tiny_models import train_tiny_tokenizer
+    from raco_ds.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+    from raco_ds.trainer.loop import build_data
 
+    # -- 0. setup ---------------------------------------------------------------------------------
     _init_distributed(cfg)
-    tokenizer = _tokenizer(cfg)
-    spec = get_preset(cfg.dataset) if cfg.dataset in PRESETS else trl_spec([cfg.dataset])
-    dataset = tokenize_preference_data(load_preference_data(spec), tokenizer, TokenizationConfig(max_length=cfg.seq_length))
-    k_objectives = dataset.num_objectives
-    weights = [float(w) for w in cfg.weights.split(",")] if cfg.weights else [1.0 / k_objectives] * k_objectives
-    collate = PreferenceCollator(pad_token_id=dataset.pad_token_id, num_objectives=k_objectives)
-    sampler = DistributedPairSampler(
-        len(dataset), world_size=ps.get_data_parallel_world_size(), rank=ps.get_data_parallel_rank(), seed=cfg.seed,
-        batch_size=cfg.micro_batch_pairs,
-    )
-    order = iter(sampler)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(cfg.checkpointing.output_dir)
+    ckpt_root, metrics_file = out / "checkpoints", out / "metrics.jsonl"
+    latest = _resume_point(cfg, ckpt_root, world)
+    lock = OutputDirLock(out).acquire() if rank == 0 else None
+    own_stopper = stopper is None
+    stopper = PreemptionHandler().install() if own_stopper else stopper
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+    dist.barrier()
+    try:
+        # -- 1. build -----------------------------------------------------------------------------
+        opt, cc, mc, names = cfg.optimisation, cfg.checkpointing, cfg.megatron, list(cfg.objectives.names)
+        tokenizer = train_tiny_tokenizer()
+        dataset, collator, split, streams = build_data(
+            cfg, tokenizer, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        )
+        logger.info(split.describe())
+        config, policy, reference = _build_model(cfg, len(tokenizer))
+        ddp = DistributedDataParallel(
+            config, DistributedDataParallelConfig(use_distributed_optimizer=mc.distributed_optimizer,
+                                                  grad_reduce_in_fp32=True), policy,
+        )  # fmt: skip
+        beta1, beta2 = opt.betas
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=opt.lr, weight_decay=opt.weight_decay, adam_beta1=beta1,
+                            adam_beta2=beta2, adam_eps=opt.eps, bf16=cfg.model.dtype == "bf16",
+                            params_dtype=config.params_dtype, clip_grad=opt.max_grad_norm,
+                            use_distributed_optimizer=mc.distributed_optimizer),
+            [ddp],
+        )  # fmt: skip
+        raco = RacoMegatron(ddp, optimizer, cfg.objectives.weights, aggregator=cfg.raco.aggregator, c=cfg.raco.c,
+                            on_nonfinite=cfg.raco.on_nonfinite)  # fmt: skip
+        engine = MegatronCheckpointEngine(
+            policy, optimizer, {"tensor_parallel": mc.tensor_parallel, "pipeline_parallel": mc.pipeline_parallel}
+        )
+        log_here = (ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0
+                    and ps.get_tensor_model_parallel_rank() == 0)  # fmt: skip
 
-    def next_batch() -> Any:
-        nonlocal order
-        items = []
-        while len(items) < cfg.micro_batch_pairs:
-            try:
-                items.append(dataset[next(order)])
-            except StopIteration:
-                order = iter(sampler)
-        return _pad(collate(items), cfg.seq_length, dataset.pad_token_id)
-
-    config, (policy, reference) = _build_model(cfg, len(tokenizer))
-    ddp = DistributedDataParallel(
-        config, DistributedDataParallelConfig(use_distributed_optimizer=True, grad_reduce_in_fp32=True), policy
-    )
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=cfg.lr, bf16=cfg.bf16, params_dtype=config.params_dtype,
-                        clip_grad=cfg.clip_grad, use_distributed_optimizer=True),
-        [ddp],
-    )
-    raco = RacoMegatron(ddp, optimizer, weights, aggregator=cfg.aggregator, c=cfg.c)
-    schedule = get_forward_backward_func()
-    rows = 2 * cfg.micro_batch_pairs
-    log_here = ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
-    history = []
-    for step in range(cfg.max_steps):
-        started = time.perf_counter()
-        batches = [next_batch() for _ in range(cfg.micro_batches)]
-
-        # Reference log-probs, one forward-only pipeline pass (kept on the last stage).
-        ref_logps: list[torch.Tensor] = []
-
-        def reference_step(data_iterator: Any, model: Any, ref_logps: list = ref_logps) -> Any:
-            batch = next(data_iterator)
-
-            def collect(per_token: torch.Tensor) -> Any:
-                ref_logps.append(_logps_from_token_losses(per_token, batch).detach())
-                return per_token.sum() * 0.0, {}
-
-            return _row_logps(model, batch), collect
-
-        with torch.no_grad():
-            schedule(forward_step_func=reference_step, data_iterator=iter(batches), model=[reference],
-                     num_microbatches=cfg.micro_batches, seq_length=cfg.seq_length, micro_batch_size=rows,
-                     forward_only=True)
-
-        # One schedule pass per objective; RACO captures each objective's owned shard.
-        losses = torch.zeros(k_objectives)
-        for k in range(k_objectives):
-            micro = iter(range(cfg.micro_batches))
-
-            def policy_step(
-                data_iterator: Any, model: Any, k: int = k, micro: Any = micro, ref_logps: list = ref_logps,
-                losses: torch.Tensor = losses,
-            ) -> Any:
-                m = next(micro)
-                batch = next(data_iterator)
-
-                def loss_fn(per_token: torch.Tensor) -> Any:
-                    logps = _logps_from_token_losses(per_token, batch)
-                    ref = ref_logps[m]
-                    out = preference_losses(
-                        logps[: rows // 2], logps[rows // 2 :], batch.labels.to(logps.device),
-                        reference_logps_a=ref[: rows // 2], reference_logps_b=ref[rows // 2 :],
-                        loss=cfg.loss, beta=cfg.beta,
-                    )
-                    losses[k] += float(out.losses[k].detach()) / cfg.micro_batches
-                    return out.losses[k], {}
-
-                return _row_logps(model, batch), loss_fn
-
-            with raco.objective(k):
-                schedule(forward_step_func=policy_step, data_iterator=iter(batches), model=[ddp],
-                         num_microbatches=cfg.micro_batches, seq_length=cfg.seq_length, micro_batch_size=rows,
-                         forward_only=False)
-        stats = raco.step()
-        scalars = stats.scalars()
-        scalars.update({f"loss/{i}": float(losses[i]) for i in range(k_objectives)})
-        scalars["seconds_step"] = time.perf_counter() - started
-        history.append(scalars)
+        # -- 2. resume ----------------------------------------------------------------------------
+        step = 0
+        if latest is not None:
+            step = load_checkpoint(engine, latest, names).step
+            for stream, position in zip(streams, latest.state.data_position["streams"]):
+                stream.load_state_dict(position)
+            logger.warning("resumed from %s at step %d", latest.folder, step)
         if log_here:
-            a = "" if stats.coefficients is None else " a=" + ",".join(f"{x:.3f}" for x in stats.coefficients.tolist())
-            logger.warning(
-                "step %d losses=%s%s |g|=%s skipped=%s %.2fs", step,
-                ",".join(f"{float(x):.4f}" for x in losses), a,
-                ",".join(f"{x:.3g}" for x in stats.grad_norms.tolist()), stats.skipped, scalars["seconds_step"],
-            )
-    return history
+            _keep_metrics_until(metrics_file, step)
+
+        def checkpoint() -> None:
+            state = TrainerState(step=step, objectives=names, weights=list(cfg.objectives.weights),
+                                 aggregator=cfg.raco.aggregator, world_size=world,
+                                 data_position={"streams": [s.state_dict() for s in streams]})  # fmt: skip
+            save_checkpoint(engine, ckpt_root, state, keep_last=cc.keep_last)
+
+        # -- 3. the loop --------------------------------------------------------------------------
+        schedule = get_forward_backward_func()
+        micro, pairs, length = opt.gradient_accumulation_steps, opt.micro_batch_size, cfg.data.max_length
+        reference_free = get_loss(cfg.loss.name).reference_free
+        history: list[dict[str, float]] = []
+        steps_this_job = 0
+        while step < opt.max_steps:
+            started = time.perf_counter()
+            # Shared pairs: one stream for every objective; per-objective data: stream k for objective k.
+            by_stream = [[_pad(s.next(), length, dataset.pad_token_id) for _ in range(micro)] for s in streams]
+            batches = [by_stream[k if len(streams) > 1 else 0] for k in range(len(names))]
+
+            # Reference log-probs of every micro-batch, forward only (kept on the last stage).
+            ref_logps: list[list[torch.Tensor]] = [[] for _ in by_stream]
+            for s, stream_batches in enumerate(by_stream if not reference_free else []):
+
+                def reference_step(data_iterator: Any, model: Any, sink: list = ref_logps[s]) -> Any:
+                    batch = next(data_iterator)
+
+                    def collect(per_token: torch.Tensor) -> Any:
+                        sink.append(_logps_and_lengths(per_token, batch)[0].detach())
+                        return per_token.sum() * 0.0, {}
+
+                    return _row_token_losses(model, batch), collect
+
+                with torch.no_grad():
+                    schedule(forward_step_func=reference_step, data_iterator=iter(stream_batches), model=[reference],
+                             num_microbatches=micro, seq_length=length, micro_batch_size=2 * pairs,
+                             forward_only=True)  # fmt: skip
+
+            # One schedule pass per objective; RACO captures each objective's owned gradient shard.
+            losses = torch.zeros(len(names), dtype=torch.float64)
+            for k in range(len(names)):
+                counter = iter(range(micro))
+                refs = ref_logps[k if len(streams) > 1 else 0]
+
+                def policy_step(data_iterator: Any, model: Any, k: int = k, counter: Any = counter,
+                                refs: list = refs) -> Any:  # fmt: skip
+                    m, batch = next(counter), next(data_iterator)
+
+                    def loss_fn(per_token: torch.Tensor) -> Any:
+                        logps, lengths = _logps_and_lengths(per_token, batch)
+                        ref = refs[m] if refs else None
+                        result = preference_losses(
+                            logps[:pairs], logps[pairs:], batch.labels.to(logps.device),
+                            reference_logps_a=None if ref is None else ref[:pairs],
+                            reference_logps_b=None if ref is None else ref[pairs:], loss=cfg.loss.name,
+                            beta=cfg.loss.beta, lengths_a=lengths[:pairs], lengths_b=lengths[pairs:],
+                            **cfg.loss.options,
+                        )  # fmt: skip
+                        losses[k] += float(result.losses[k].detach()) / micro
+                        return result.losses[k], {}
+
+                    return _row_token_losses(model, batch), loss_fn
+
+                with raco.objective(k):
+                    schedule(forward_step_func=policy_step, data_iterator=iter(batches[k]), model=[ddp],
+                             num_microbatches=micro, seq_length=length, micro_batch_size=2 * pairs,
+                             forward_only=False)  # fmt: skip
+            stats = raco.step()
+            step += 1
+            steps_this_job += 1
+
+            # Log: the losses averaged over data-parallel ranks (they live on the last stage).
+            if ps.is_pipeline_last_stage():
+                dist.all_reduce(losses, group=ps.get_data_parallel_group())
+                losses /= ps.get_data_parallel_world_size()
+            scalars = {"step": step, **stats.scalars(), TAGS["step_time"]: time.perf_counter() - started}
+            scalars.update({f"loss/{name}": float(losses[k]) for k, name in enumerate(names)})
+            history.append(scalars)
+            if log_here:
+                _append_metrics(metrics_file, scalars)
+                if step % cfg.logging.log_every == 0 or step == opt.max_steps:
+                    a = "skipped" if stats.coefficients is None else ",".join(f"{x:.3f}" for x in stats.coefficients)
+                    logger.warning("step %d %s a=%s %.2fs", step,
+                                   " ".join(f"{n}={float(losses[k]):.4f}" for k, n in enumerate(names)), a,
+                                   scalars[TAGS["step_time"]])  # fmt: skip
+
+            # Checkpoint on schedule, on a stop signal (then exit for requeue), or at this job's budget.
+            signalled = stopper.should_stop()
+            budget = cc.stop_after_steps and steps_this_job >= cc.stop_after_steps and step < opt.max_steps
+            if (cc.save_every and step % cc.save_every == 0) or signalled or budget:
+                checkpoint()
+            if signalled:
+                stopper.exit()  # barrier, then exit with the requeue status
+            if budget:
+                return history
+
+        # -- 4. finish ----------------------------------------------------------------------------
+        if cc.save_final and not (cc.save_every and step % cc.save_every == 0):
+            checkpoint()
+        return history
+    finally:
+        if own_stopper:
+            stopper.uninstall()
+        if lock is not None:
+            lock.release()

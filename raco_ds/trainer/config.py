@@ -643,11 +643,14 @@ def _merge(base: dict[str, Any], update: dict[str, Any], cls: type, source: str,
             base[key] = _coerce(value, hints[key], prefix + key)
 
 
-def config_from_dict(data: dict[str, Any], source: str = "a dict", base: dict[str, Any] | None = None) -> TrainConfig:
-    """A validated :class:`TrainConfig` from nested ``data`` (strict: unknown keys raise)."""
+def config_from_dict(
+    data: dict[str, Any], source: str = "a dict", base: dict[str, Any] | None = None, root: type = TrainConfig
+) -> TrainConfig:
+    """A validated ``root`` (:class:`TrainConfig` or a subclass with more sections) from nested ``data``
+    (strict: unknown keys raise)."""
     merged: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
-    _merge(merged, data, TrainConfig, source)
-    return _build(TrainConfig, merged)
+    _merge(merged, data, root, source)
+    return _build(root, merged)
 
 
 def _build(cls: type, data: dict[str, Any]) -> Any:
@@ -693,9 +696,9 @@ def _read_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a YAML/JSON config file (e.g. a run's saved config.yaml) strictly."""
-    return config_from_dict(_read_file(path), source=str(path))
+def load_config(path: str | Path, root: type = TrainConfig) -> TrainConfig:
+    """Read a YAML/JSON config file (e.g. a run's saved config.yaml) strictly, as a ``root``."""
+    return config_from_dict(_read_file(path), source=str(path), root=root)
 
 
 # ---------------------------------------------------------------------------
@@ -733,19 +736,24 @@ def _flat_fields(cls: type = TrainConfig, prefix: str = "") -> dict[str, tuple[A
     return out
 
 
-def help_text() -> str:
-    """The ``--help`` text: usage, aliases, presets and every dotted option with its docstring."""
+_USAGE = (
+    "usage: [deepspeed --num_gpus N] launchers/train.py [--ds_config FILE] [--preset NAME] [--config FILE]\n"
+    "                                [--OPTION VALUE ...]"
+)
+
+
+def help_text(root: type = TrainConfig, presets: dict[str, dict[str, Any]] | None = None, usage: str = _USAGE) -> str:
+    """The ``--help`` text: usage, aliases, presets and every dotted option of ``root`` with its docstring."""
     lines = [
-        "usage: [deepspeed --num_gpus N] launchers/train.py [--ds_config FILE] [--preset NAME] [--config FILE]",
-        "                                [--OPTION VALUE ...]",
+        usage,
         "",
-        f"presets: {', '.join(PRESETS)} (default: the README main job)",
+        f"presets: {', '.join(PRESETS if presets is None else presets)} (default: the README main job)",
         "coming from TRL: docs/trl.md maps each DPOConfig option to its option here ('TRL: name' below)",
         "short options:",
     ]
     lines += [f"  {alias:<14} = --{dotted}" for alias, dotted in ALIASES.items()]
     lines.append("options (lists are comma-separated; bools take true/false, a bare flag means true):")
-    for dotted, (tp, doc, default) in _flat_fields().items():
+    for dotted, (tp, doc, default) in _flat_fields(root).items():
         type_name = getattr(tp, "__name__", str(tp).replace("typing.", ""))
         lines.append(f"  --{dotted} ({type_name}, default {default!r})")
         lines.extend("      " + line for line in textwrap.wrap(doc, 92))
@@ -759,14 +767,18 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     data[leaf] = value
 
 
-def parse_args(argv: list[str]) -> TrainConfig:
+def parse_args(
+    argv: list[str], root: type = TrainConfig, presets: dict[str, dict[str, Any]] | None = None
+) -> TrainConfig:
     """Build the config from ``--preset``, ``--config`` and dotted/alias overrides (strict).
 
     ``--local_rank`` (added by the ``deepspeed`` launcher) is accepted and ignored:
     the rank comes from the environment. ``--help`` is handled by the caller
-    (see :func:`help_text`).
+    (see :func:`help_text`). ``root`` and ``presets``: another launcher's config class
+    (a :class:`TrainConfig` subclass with its own sections) and its named starting points.
     """
-    flat = _flat_fields()
+    presets = PRESETS if presets is None else presets
+    flat = _flat_fields(root)
     preset, config_file, overrides = "main", None, {}
     i = 0
     while i < len(argv):
@@ -801,15 +813,15 @@ def parse_args(argv: list[str]) -> TrainConfig:
         hint = f"; did you mean --{close[0]}?" if close else ""
         raise ConfigError(f"unknown option {key} (from the command line){hint} See --help.")
 
-    if preset not in PRESETS:
-        raise ConfigError(f"--preset {preset!r} is unknown; use one of {list(PRESETS)}")
-    data: dict[str, Any] = json.loads(json.dumps(PRESETS[preset]))
+    if preset not in presets:
+        raise ConfigError(f"--preset {preset!r} is unknown; use one of {list(presets)}")
+    data: dict[str, Any] = json.loads(json.dumps(presets[preset]))
     if config_file is not None:
-        _merge(data, _read_file(config_file), TrainConfig, config_file)
+        _merge(data, _read_file(config_file), root, config_file)
     cli: dict[str, Any] = {}
     for dotted, value in overrides.items():
         _set_dotted(cli, dotted, value)
-    cfg = config_from_dict(cli, source="the command line", base=data)
+    cfg = config_from_dict(cli, source="the command line", base=data, root=root)
     from raco_ds.trainer.trackers import require_tracker_packages
 
     require_tracker_packages(cfg.logging.trackers())  # a missing wandb must not cost a DeepSpeed start-up
