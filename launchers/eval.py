@@ -40,7 +40,7 @@ from raco_ds.pareto.evaluate import (  # noqa: E402
     generation_from_args,
     resolve_run,
 )
-from raco_ds.trainer.config import ConfigError, parse_args  # noqa: E402
+from raco_ds.trainer.config import ConfigError, TrainConfig, parse_args, run_config_root  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         if train_options or run_config is None:
             if run_config is not None and "--config" not in train_options:
                 train_options = ["--config", str(run_config), *train_options]
-            cfg = parse_args(train_options)
+            cfg = parse_args(train_options, root=TrainConfig if run_config is None else run_config_root(run_config))
         evaluator = HeldOutEvaluator(batch_size=args.batch_size, device=args.device,
                                      generation=generation_from_args(args))
         report = evaluator.evaluate(args.model, cfg, reference=args.reference, samples_path=args.samples)

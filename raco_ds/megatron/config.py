@@ -16,10 +16,16 @@ micro-batch is padded to it: pipeline shapes are fixed), bf16 is
 that this launcher does not implement are refused by name (never silently
 ignored), see :data:`NOT_ON_MEGATRON`.
 
+The model is ``model.name_or_path``: an HF folder or a name raco_ds.models
+resolves offline (``tiny``, ``smollm2-135m``), converted by raco_ds.megatron.hf
+(its shape, vocabulary and RoPE come from the HF config), or
+:data:`RANDOM_GPT`, a randomly initialised GPT of the ``megatron.*`` shape
+(the default preset: no model to convert, so tests and smoke runs are fast).
+
 Example:
     >>> cfg = parse_megatron_args(["--megatron.tensor_parallel", "2", "--weights", "0.3,0.7"])
-    >>> cfg.megatron.tensor_parallel, cfg.objectives.weights, cfg.data.max_length
-    (2, [0.3, 0.7], 96)
+    >>> cfg.megatron.tensor_parallel, cfg.objectives.weights, cfg.data.max_length, cfg.model.name_or_path
+    (2, [0.3, 0.7], 96, 'random-gpt')
     >>> parse_megatron_args(["--model.lora.r", "8"])  # doctest: +IGNORE_EXCEPTION_DETAIL
     Traceback (most recent call last):
     ...
@@ -33,8 +39,11 @@ from typing import Any
 
 from raco_ds.trainer.config import ConfigError, TrainConfig, help_text, parse_args
 
-__all__ = ["MEGATRON_PRESETS", "NOT_ON_MEGATRON", "MegatronConfig", "MegatronTrainConfig", "megatron_help_text",
-           "parse_megatron_args"]  # fmt: skip
+__all__ = ["MEGATRON_PRESETS", "NOT_ON_MEGATRON", "RANDOM_GPT", "MegatronConfig", "MegatronTrainConfig",
+           "megatron_help_text", "parse_megatron_args"]  # fmt: skip
+
+RANDOM_GPT = "random-gpt"
+"""``model.name_or_path`` of a randomly initialised GPT built from the ``megatron.*`` shape (no HF weights)."""
 
 
 @dataclass(kw_only=True)
@@ -50,7 +59,8 @@ class MegatronConfig:
     """Shard the optimizer state and the fp32 main parameters over data-parallel ranks (Megatron's
     distributed optimizer); false: every rank keeps them whole."""
     num_layers: int = 2
-    """Transformer layers of the GPT model (model.name_or_path=tiny: built from this shape)."""
+    """Transformer layers of the GPT model. This and the four shape options below apply to
+    model.name_or_path=random-gpt only: an HF model's shape comes from its config."""
     hidden_size: int = 64
     """Hidden size."""
     num_attention_heads: int = 4
@@ -83,15 +93,14 @@ NOT_ON_MEGATRON: dict[str, Any] = {
     "logging.eval_every": 0,
     "logging.tensorboard": False,
     "logging.progress_bar": False,
-    "checkpointing.export": False,
     "debug.inject_nonfinite": None,
 }
-"""Trainer options the Megatron launcher does not implement, with the only value it accepts. Export and
-held-out evaluation wait for raco_ds.megatron.hf (issue #21, items 3 and 7); one-pass capture is not
-built for Megatron's gradient buffers (docs/megatron.md)."""
+"""Trainer options the Megatron launcher does not implement, with the only value it accepts. Held-out
+evaluation during training is not built (evaluate the export with launchers/eval.py); one-pass capture
+is not built for Megatron's gradient buffers (docs/megatron.md)."""
 
 _TINY: dict[str, Any] = {
-    "model": {"name_or_path": "tiny", "trainable_last_blocks": -1},
+    "model": {"name_or_path": RANDOM_GPT, "trainable_last_blocks": -1},
     "data": {"dataset": "pku_saferlhf", "max_length": 96, "max_prompt_length": 48, "num_train_pairs": 64,
              "num_eval_pairs": 16},
     "objectives": {"names": ["helpful", "harmless"], "weights": [0.5, 0.5]},
@@ -102,8 +111,9 @@ _TINY: dict[str, Any] = {
 }  # fmt: skip
 
 MEGATRON_PRESETS: dict[str, dict[str, Any]] = {"main": _TINY, "tiny": _TINY}
-"""Named starting points of the Megatron launcher; "main" (the default) is a tiny GPT on the bundled
-PKU-SafeRLHF sample, so that a bare ``torchrun ... launchers/train_megatron.py`` runs on any machine."""
+"""Named starting points of the Megatron launcher; "main" (the default) is a tiny random GPT on the bundled
+PKU-SafeRLHF sample, so that a bare ``torchrun ... launchers/train_megatron.py`` runs on any machine
+(``--model tiny`` starts from the packaged tiny HF Llama instead)."""
 
 _USAGE = ("usage: torchrun --nproc_per_node N launchers/train_megatron.py [--preset NAME] [--config FILE]\n"
           "                                [--OPTION VALUE ...]")  # fmt: skip
@@ -116,6 +126,9 @@ def _dotted(cfg: TrainConfig, dotted: str) -> Any:
     return value
 
 
+_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "tie_embeddings")
+
+
 def _validate_megatron(cfg: MegatronTrainConfig) -> None:
     for dotted, allowed in NOT_ON_MEGATRON.items():
         value = _dotted(cfg, dotted)
@@ -124,17 +137,26 @@ def _validate_megatron(cfg: MegatronTrainConfig) -> None:
                 f"{dotted}={value!r} is not supported by the Megatron launcher: set --{dotted} {allowed} "
                 "(or use launchers/train.py, the DeepSpeed launcher, which has it)"
             )
-    if cfg.model.name_or_path != "tiny":
-        # The seam for HF checkpoints: raco_ds.megatron.hf (issue #21 item 7) loads them with TP/PP sharding.
-        raise ConfigError(
-            f"model.name_or_path={cfg.model.name_or_path!r}: the Megatron launcher builds a GPT from the megatron.* "
-            "shape (--model tiny); loading Hugging Face weights needs raco_ds.megatron.hf (issue #21)"
-        )
     mc = cfg.megatron
     for name in ("tensor_parallel", "pipeline_parallel", "num_layers", "hidden_size", "num_attention_heads",
                  "ffn_hidden_size"):  # fmt: skip
         if getattr(mc, name) < 1:
             raise ConfigError(f"megatron.{name} must be >= 1, got {getattr(mc, name)}")
+    if cfg.model.name_or_path != RANDOM_GPT:
+        # An HF model's shape is its config's; raco_ds.megatron.hf checks TP/PP against it when building.
+        default = MegatronConfig()
+        shaped = [name for name in _SHAPE if getattr(mc, name) != getattr(default, name)]
+        if shaped:
+            raise ConfigError(
+                f"megatron.{shaped[0]} sets the shape of --model {RANDOM_GPT}; model.name_or_path="
+                f"{cfg.model.name_or_path!r} takes its shape from its HF config: drop the megatron.{shaped[0]} option"
+            )
+        return
+    if cfg.checkpointing.export:
+        raise ConfigError(
+            f"checkpointing.export=True needs an HF model (--model tiny, an HF folder); --model {RANDOM_GPT} has no "
+            "HF config to export to: set --checkpointing.export false"
+        )
     if mc.num_attention_heads % mc.tensor_parallel:
         raise ConfigError(
             f"megatron.num_attention_heads={mc.num_attention_heads} is not divisible by megatron.tensor_parallel="

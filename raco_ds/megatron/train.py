@@ -8,13 +8,19 @@
               policy GPTModel + a frozen reference copy, DDP, optimizer, RacoMegatron
 2. resume     model, optimizer, RNG and data positions from the newest verified checkpoint
 3. loop       reference pass -> one schedule pass per objective -> raco.step() -> log -> checkpoint
-4. finish     final checkpoint
+4. finish     final checkpoint, HF export
 
-The model is a Llama-style megatron-core GPTModel (RMSNorm, SwiGLU, RoPE,
-tied embeddings by default) built from ``megatron.*`` and trained from its
-seeded initialisation; the reference is a frozen copy of the initial weights,
-run through the same pipeline schedule with ``forward_only=True`` (a resumed
-run rebuilds it from the same seed). Megatron's GPTModel returns the per-token
+The model is a Llama-style megatron-core GPTModel (RMSNorm, SwiGLU, RoPE).
+For an HF ``model.name_or_path`` (a folder, or a short name such as ``tiny``)
+raco_ds.megatron.hf builds it from the HF config (TP/PP from ``megatron.*``,
+dtype from ``model.dtype``) and loads the HF weights, sharded, before the
+optimizer is built; the tokenizer is the folder's. For ``random-gpt`` it is
+built from the ``megatron.*`` shape, seeded, with the tiny locally trained
+tokenizer. The reference is a frozen copy of the initial weights, run through
+the same pipeline schedule with ``forward_only=True`` (a resumed run rebuilds
+it from the HF weights or the same seed). With ``checkpointing.export`` the
+finished model is written back as an HF folder, ``<output_dir>/export``, beside
+the run's ``config.yaml`` (``launchers/eval.py --model <output_dir>`` reads both). Megatron's GPTModel returns the per-token
 cross-entropy of the labels (vocab-parallel aware), so a row's response
 log-prob is minus its sum over the response tokens; the last stage computes
 the losses.
@@ -97,40 +103,72 @@ def _resume_point(cfg: MegatronTrainConfig, root: Path, world: int) -> Any:
 # Phase 1: build.
 
 
-def _build_model(cfg: MegatronTrainConfig, vocab_size: int) -> tuple[Any, Any, Any]:
-    """(TransformerConfig, policy, frozen reference with the policy's initial weights)."""
+def _build_model(cfg: MegatronTrainConfig, vocab_size: int, hf_path: str | None) -> tuple[Any, Any, Any, Any]:
+    """(TransformerConfig, policy, frozen reference with the policy's initial weights, HFGPTSpec or None).
+
+    ``hf_path``: the HF folder to build and load from; None builds the seeded ``megatron.*`` shape.
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
-    mc, bf16 = cfg.megatron, cfg.model.dtype == "bf16"
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    config = TransformerConfig(
-        num_layers=mc.num_layers, hidden_size=mc.hidden_size, num_attention_heads=mc.num_attention_heads,
-        ffn_hidden_size=mc.ffn_hidden_size, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False,
-        tensor_model_parallel_size=mc.tensor_parallel, pipeline_model_parallel_size=mc.pipeline_parallel,
-        pipeline_dtype=dtype, params_dtype=dtype, bf16=bf16,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not torch.cuda.is_available(),
-    )  # fmt: skip
-    # Pad the vocabulary so that every tensor-parallel rank holds an equal slice.
-    padded_vocab = -(-vocab_size // (128 * mc.tensor_parallel)) * 128 * mc.tensor_parallel
+    from raco_ds.megatron.hf import config_from_hf, load_hf_into_megatron
 
-    def build() -> Any:
-        model = GPTModel(
-            config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
-            vocab_size=padded_vocab, max_sequence_length=cfg.data.max_length, position_embedding_type="rope",
-            pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-            share_embeddings_and_output_weights=mc.tie_embeddings,
-        )
-        return model.cuda() if torch.cuda.is_available() else model
+    mc, bf16 = cfg.megatron, cfg.model.dtype == "bf16"
+    spec = None
+    if hf_path is not None:
+        spec = config_from_hf(hf_path, tensor_parallel=mc.tensor_parallel, pipeline_parallel=mc.pipeline_parallel,
+                              dtype=cfg.model.dtype)  # fmt: skip
+        config, build = spec.transformer_config, spec.build_model
+    else:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        config = TransformerConfig(
+            num_layers=mc.num_layers, hidden_size=mc.hidden_size, num_attention_heads=mc.num_attention_heads,
+            ffn_hidden_size=mc.ffn_hidden_size, normalization="RMSNorm", gated_linear_unit=True,
+            activation_func=torch.nn.functional.silu, add_bias_linear=False,
+            tensor_model_parallel_size=mc.tensor_parallel, pipeline_model_parallel_size=mc.pipeline_parallel,
+            pipeline_dtype=dtype, params_dtype=dtype, bf16=bf16,
+            hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not torch.cuda.is_available(),
+        )  # fmt: skip
+        # Pad the vocabulary so that every tensor-parallel rank holds an equal slice.
+        padded_vocab = -(-vocab_size // (128 * mc.tensor_parallel)) * 128 * mc.tensor_parallel
+
+        def build() -> Any:
+            model = GPTModel(
+                config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+                vocab_size=padded_vocab, max_sequence_length=cfg.data.max_length, position_embedding_type="rope",
+                pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                share_embeddings_and_output_weights=mc.tie_embeddings,
+            )
+            return model.cuda() if torch.cuda.is_available() else model
 
     policy = build()
+    if hf_path is not None:
+        load_hf_into_megatron([policy], hf_path)
     reference = build()
     reference.load_state_dict(policy.state_dict())
     reference.requires_grad_(False).eval()
-    return config, policy, reference
+    return config, policy, reference, spec
+
+
+def _model_source(cfg: MegatronTrainConfig, rank: int) -> str | None:
+    """The local HF folder of ``model.name_or_path`` (rank 0 builds a short name's cache first), or None."""
+    from raco_ds.megatron.config import RANDOM_GPT
+    from raco_ds.models import resolve_model_path
+
+    if cfg.model.name_or_path == RANDOM_GPT:
+        return None
+    if rank == 0:
+        resolve_model_path(cfg.model.name_or_path)
+    dist.barrier()
+    path = resolve_model_path(cfg.model.name_or_path)
+    if not Path(path, "config.json").is_file():
+        raise ConfigError(
+            f"model.name_or_path={cfg.model.name_or_path!r} is not a local HF folder or a short name "
+            "(the Megatron launcher loads offline): download the model first and pass its folder"
+        )
+    return path
 
 
 def _pad(batch: Any, length: int, pad_id: int) -> Any:
@@ -191,6 +229,8 @@ def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float
     from raco_ds.losses import get_loss, preference_losses
     from raco_ds.megatron import RacoMegatron
     from raco_ds.megatron.checkpoint import MegatronCheckpointEngine
+    from raco_ds.megatron.hf import export_megatron_to_hf
+    from raco_ds.models import load_tokenizer
     from raco_ds.preemption import OutputDirLock, PreemptionHandler
     from raco_ds.tiny_models import train_tiny_tokenizer
     from raco_ds.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
@@ -211,12 +251,13 @@ def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float
     try:
         # -- 1. build -----------------------------------------------------------------------------
         opt, cc, mc, names = cfg.optimisation, cfg.checkpointing, cfg.megatron, list(cfg.objectives.names)
-        tokenizer = train_tiny_tokenizer()
+        hf_path = _model_source(cfg, rank)
+        tokenizer = train_tiny_tokenizer() if hf_path is None else load_tokenizer(hf_path)
         dataset, collator, split, streams = build_data(
             cfg, tokenizer, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         )
         logger.info(split.describe())
-        config, policy, reference = _build_model(cfg, len(tokenizer))
+        config, policy, reference, spec = _build_model(cfg, len(tokenizer), hf_path)
         ddp = DistributedDataParallel(
             config, DistributedDataParallelConfig(use_distributed_optimizer=mc.distributed_optimizer,
                                                   grad_reduce_in_fp32=True), policy,
@@ -344,6 +385,10 @@ def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float
         # -- 4. finish ----------------------------------------------------------------------------
         if cc.save_final and not (cc.save_every and step % cc.save_every == 0):
             checkpoint()
+        if cc.export:  # validation allows it only for an HF model, so spec and hf_path are set
+            written = export_megatron_to_hf([policy], out / "export", spec.hf_config, tokenizer=hf_path)
+            if written is not None:
+                logger.warning("HF export: %s (evaluate: python launchers/eval.py --model %s)", written, out)
         return history
     finally:
         if own_stopper:

@@ -242,7 +242,7 @@ class HeldOutEvaluator:
                 ``<model folder>/generations.jsonl``). Unused without generation.
         """
         from raco_ds.models import load_model
-        from raco_ds.trainer.config import load_config
+        from raco_ds.trainer.config import load_config, run_config_root
         from raco_ds.trainer.eval import HELDOUT_SCORES_FILE, evaluate, heldout_items, load_heldout_scores, score_pairs
 
         model_dir, config_path = resolve_run(model_path)
@@ -252,7 +252,7 @@ class HeldOutEvaluator:
                     f"{model_dir} has no run config.yaml beside it; pass the config that says which data, split and "
                     "reference to use (launchers/eval.py: --config RUN/config.yaml or --preset/--data options)"
                 )
-            cfg = load_config(config_path)
+            cfg = load_config(config_path, root=run_config_root(config_path))
         reference = reference or cfg.model.name_or_path
         held = self._split(cfg, reference)
         indices = held.split.eval_indices

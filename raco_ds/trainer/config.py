@@ -67,6 +67,7 @@ __all__ = [
     "help_text",
     "load_config",
     "parse_args",
+    "run_config_root",
     "save_config",
 ]
 
@@ -699,6 +700,16 @@ def _read_file(path: str | Path) -> dict[str, Any]:
 def load_config(path: str | Path, root: type = TrainConfig) -> TrainConfig:
     """Read a YAML/JSON config file (e.g. a run's saved config.yaml) strictly, as a ``root``."""
     return config_from_dict(_read_file(path), source=str(path), root=root)
+
+
+def run_config_root(path: str | Path) -> type:
+    """The config class of a run's saved config: MegatronTrainConfig when it has the Megatron launcher's
+    ``megatron`` section (so that launchers/eval.py reads Megatron runs too), else TrainConfig."""
+    if "megatron" in _read_file(path):
+        from raco_ds.megatron.config import MegatronTrainConfig
+
+        return MegatronTrainConfig
+    return TrainConfig
 
 
 # ---------------------------------------------------------------------------
