@@ -1,14 +1,18 @@
 """Train with RACO on megatron-core: tensor, pipeline and data parallelism, distributed optimizer.
 
-Needs megatron-core (``pip install -e .[megatron]``) and one GPU per rank:
+Needs megatron-core (``pip install -e .[megatron]``) and one GPU per rank. From a pretrained HF
+model (a folder or a short name such as ``smollm2-135m``, loaded offline) to an HF export in
+``outputs/mcore/export`` that ``launchers/eval.py --model outputs/mcore`` evaluates:
 
-    torchrun --nproc_per_node 8 launchers/train_megatron.py --megatron.tensor_parallel 2 \\
-        --megatron.pipeline_parallel 2 --megatron.num_layers 8 --megatron.hidden_size 1024 \\
-        --megatron.num_attention_heads 16 --megatron.ffn_hidden_size 4096 --model.dtype bf16 \\
+    torchrun --nproc_per_node 6 launchers/train_megatron.py --model smollm2-135m \\
+        --megatron.tensor_parallel 3 --model.dtype bf16 \\
         --data pku_saferlhf --objectives helpful,harmless --weights 0.3,0.7 --aggregator raco --c 0.4 \\
-        --max-steps 100 --output-dir outputs/mcore --checkpointing.save_every 20 --resume
+        --max-steps 100 --output-dir outputs/mcore --checkpointing.save_every 20 --resume \\
+        --checkpointing.export true
 
-A minimal run (tiny GPTModel, bundled PKU-SafeRLHF sample, locally trained tokenizer):
+A minimal run (the default: a tiny random GPT of the ``megatron.*`` shape, ``--model random-gpt``,
+on the bundled PKU-SafeRLHF sample with a locally trained tokenizer; ``--model tiny`` starts from the
+packaged tiny HF Llama instead):
 
     torchrun --nproc_per_node 2 launchers/train_megatron.py --megatron.tensor_parallel 2
 

@@ -118,8 +118,11 @@ def _build_model(cfg: MegatronTrainConfig, vocab_size: int, hf_path: str | None)
     mc, bf16 = cfg.megatron, cfg.model.dtype == "bf16"
     spec = None
     if hf_path is not None:
-        spec = config_from_hf(hf_path, tensor_parallel=mc.tensor_parallel, pipeline_parallel=mc.pipeline_parallel,
-                              dtype=cfg.model.dtype)  # fmt: skip
+        try:
+            spec = config_from_hf(hf_path, tensor_parallel=mc.tensor_parallel,
+                                  pipeline_parallel=mc.pipeline_parallel, dtype=cfg.model.dtype)  # fmt: skip
+        except ValueError as err:  # an architecture or TP the conversion refuses: the user's fix, one line
+            raise ConfigError(f"--model {cfg.model.name_or_path}: {err}") from None
         config, build = spec.transformer_config, spec.build_model
     else:
         dtype = torch.bfloat16 if bf16 else torch.float32
