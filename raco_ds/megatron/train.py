@@ -20,10 +20,10 @@ tokenizer. The reference is a frozen copy of the initial weights, run through
 the same pipeline schedule with ``forward_only=True`` (a resumed run rebuilds
 it from the HF weights or the same seed). With ``checkpointing.export`` the
 finished model is written back as an HF folder, ``<output_dir>/export``, beside
-the run's ``config.yaml`` (``launchers/eval.py --model <output_dir>`` reads both). Megatron's GPTModel returns the per-token
-cross-entropy of the labels (vocab-parallel aware), so a row's response
-log-prob is minus its sum over the response tokens; the last stage computes
-the losses.
+the run's ``config.yaml`` (``launchers/eval.py --model <output_dir>`` reads both).
+Megatron's GPTModel returns the per-token cross-entropy of the labels
+(vocab-parallel aware), so a row's response log-prob is minus its sum over the
+response tokens; the last stage computes the losses.
 
 Checkpoints are raco_ds.trainer.checkpoint's (atomic, manifest-verified,
 falling back to the newest intact one) over Megatron's distributed
