@@ -3,15 +3,18 @@
 One 2-rank launch of raco_ds.megatron.train with ``--model tiny`` (the packaged
 tiny HF Llama) at tensor parallel 2 and ``--checkpointing.export true``:
 
-- 2 RACO steps: the export (``<run>/export``) loads with
+- 2 RACO steps: the held-out evaluation before/after is written (eval_before.json,
+  eval_after.json, scored on every held-out pair); the export (``<run>/export``) loads with
   ``AutoModelForCausalLM``, differs from the input model (it trained), and
   ``launchers/eval.py --model <run>`` evaluates the run folder (its Megatron
   config.yaml included);
-- 0 steps: the export equals the input model bitwise (HF -> Megatron TP=2 -> HF).
+- 0 steps: the export equals the input model bitwise (HF -> Megatron TP=2 -> HF), and
+  the held-out margins after are exactly 0 (policy and reference are the same weights).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -78,6 +81,12 @@ def test_hf_model_trains_at_tp2_and_exports(tmp_path: Path) -> None:
     assert sorted(untrained) == sorted(original)
     assert all(torch.equal(untrained[name], original[name]) for name in original), "round trip is not bitwise"
 
+    before, after = (json.loads((tmp_path / "untrained" / f"{n}.json").read_text()) for n in ("eval_before",
+                                                                                            "eval_after"))
+    assert before == after and after["margin"] == [0.0, 0.0], after
+    after = json.loads((tmp_path / "trained" / "eval_after.json").read_text())
+    assert after["num_pairs"] == [8, 8] and all(math.isfinite(v) for v in after["likelihood_accuracy"]), after
+
     export = tmp_path / "trained" / "export"
     trained = _tensors(export)
     assert sorted(trained) == sorted(original)
@@ -91,4 +100,7 @@ def test_hf_model_trains_at_tp2_and_exports(tmp_path: Path) -> None:
     eval_launcher = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(eval_launcher)
     assert eval_launcher.main(["--model", str(tmp_path / "trained"), "--device", "cpu"]) == 0
-    assert (export / "heldout_eval.json").is_file()  # eval.py writes beside the model it evaluated
+    # eval.py (HF forward of the export) and the launcher (Megatron TP=2 forward) score the same pairs alike.
+    report = json.loads((export / "heldout_eval.json").read_text())  # written beside the model it evaluated
+    for metric in ("loss", "margin", "likelihood_accuracy"):
+        assert report["metrics"][metric] == pytest.approx(after[metric], abs=1e-4), metric

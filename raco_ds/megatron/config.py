@@ -96,8 +96,8 @@ NOT_ON_MEGATRON: dict[str, Any] = {
     "debug.inject_nonfinite": None,
 }
 """Trainer options the Megatron launcher does not implement, with the only value it accepts. Held-out
-evaluation during training is not built (evaluate the export with launchers/eval.py); one-pass capture
-is not built for Megatron's gradient buffers (docs/megatron.md)."""
+evaluation runs once, at the end of the run (no eval_every); one-pass capture is not built for
+Megatron's gradient buffers (docs/megatron.md)."""
 
 _TINY: dict[str, Any] = {
     "model": {"name_or_path": RANDOM_GPT, "trainable_last_blocks": -1},

@@ -8,7 +8,8 @@
               policy GPTModel + a frozen reference copy, DDP, optimizer, RacoMegatron
 2. resume     model, optimizer, RNG and data positions from the newest verified checkpoint
 3. loop       reference pass -> one schedule pass per objective -> raco.step() -> log -> checkpoint
-4. finish     final checkpoint, HF export
+4. finish     held-out evaluation (before/after, the DeepSpeed launcher's summary), final checkpoint,
+              HF export
 
 The model is a Llama-style megatron-core GPTModel (RMSNorm, SwiGLU, RoPE).
 For an HF ``model.name_or_path`` (a folder, or a short name such as ``tiny``)
@@ -199,6 +200,58 @@ def _logps_and_lengths(per_token: torch.Tensor, batch: Any) -> tuple[torch.Tenso
     return -(per_token.float() * scored).sum(-1), scored.sum(-1)
 
 
+def _score_heldout(model: Any, dataset: Any, collator: Any, indices: list[int], cfg: MegatronTrainConfig) -> Any:
+    """raco_ds.trainer.eval's PairScores of ``indices`` under ``model``, through the pipeline (every rank).
+
+    Data-parallel replica d scores pairs d, d + DP, ...; each batch has micro_batch_size pairs (a short
+    last batch repeats its first pair: pipeline shapes are fixed) and the repeats are dropped again.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from raco_ds.trainer.eval import PairScores
+
+    pairs, length = cfg.optimisation.micro_batch_size, cfg.data.max_length
+    mine = indices[ps.get_data_parallel_rank() :: ps.get_data_parallel_world_size()]
+    chunks = [mine[i : i + pairs] for i in range(0, len(mine), pairs)]
+    batches = [_pad(collator([dataset[i] for i in c + c[:1] * (pairs - len(c))]), length, dataset.pad_token_id)
+               for c in chunks]  # fmt: skip
+    logps = torch.zeros(len(dataset), 2, dtype=torch.float64)
+    lengths = torch.zeros(len(dataset), 2, dtype=torch.long)
+    # Every tensor-parallel rank of the last stage computes the same scores; one of them records them.
+    records = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    def score_step(data_iterator: Any, stage: Any) -> Any:
+        batch, count = next(data_iterator)
+
+        def record(per_token: torch.Tensor) -> Any:
+            if records:
+                sums, counts = _logps_and_lengths(per_token, batch)
+                index = batch.pair_index[:count]
+                logps[index] = torch.stack([sums[:count], sums[pairs : pairs + count]], 1).double().cpu()
+                lengths[index] = torch.stack([counts[:count], counts[pairs : pairs + count]], 1).cpu()
+            return per_token.sum() * 0.0, {}
+
+        return _row_token_losses(stage, batch), record
+
+    if batches:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            get_forward_backward_func()(
+                forward_step_func=score_step, data_iterator=iter(zip(batches, map(len, chunks))), model=[model],
+                num_microbatches=len(batches), seq_length=length, micro_batch_size=2 * pairs, forward_only=True,
+            )  # fmt: skip
+        model.train(was_training)
+    # Each pair was recorded on exactly one rank; the others hold zeros there.
+    dist.all_reduce(logps)
+    dist.all_reduce(lengths)
+    unscored = torch.ones(len(dataset), dtype=torch.bool)
+    unscored[indices] = False
+    logps[unscored] = float("nan")
+    return PairScores(logps, lengths)
+
+
 # ---------------------------------------------------------------------------
 # Logging and the metrics file (written by the logging rank: last stage, TP and DP rank 0).
 
@@ -237,7 +290,8 @@ def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float
     from raco_ds.preemption import OutputDirLock, PreemptionHandler
     from raco_ds.tiny_models import train_tiny_tokenizer
     from raco_ds.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.eval import evaluate
+    from raco_ds.trainer.loop import RunResult, build_data, format_summary
 
     # -- 0. setup ---------------------------------------------------------------------------------
     _init_distributed(cfg)
@@ -386,12 +440,24 @@ def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float
                 return history
 
         # -- 4. finish ----------------------------------------------------------------------------
+        # Held-out evaluation: the frozen reference is the initial policy, so its scores are "before".
+        scored = {name: _score_heldout(model, dataset, collator, split.eval_indices, cfg)
+                  for name, model in (("reference", reference), ("policy", policy))}  # fmt: skip
+        loss_args = {"loss": cfg.loss.name, "beta": cfg.loss.beta, "options": cfg.loss.options}
+        result = RunResult(step, names, evaluate(scored["reference"], scored["reference"], dataset,
+                                                 split.eval_indices, **loss_args),
+                           evaluate(scored["policy"], scored["reference"], dataset, split.eval_indices, **loss_args),
+                           out)  # fmt: skip
+        if rank == 0:
+            for name, metrics in (("eval_before", result.eval_before), ("eval_after", result.eval_after)):
+                (out / f"{name}.json").write_text(json.dumps(metrics))
         if cc.save_final and not (cc.save_every and step % cc.save_every == 0):
             checkpoint()
         if cc.export:  # validation allows it only for an HF model, so spec and hf_path are set
-            written = export_megatron_to_hf([policy], out / "export", spec.hf_config, tokenizer=hf_path)
-            if written is not None:
-                logger.warning("HF export: %s (evaluate: python launchers/eval.py --model %s)", written, out)
+            export_megatron_to_hf([policy], out / "export", spec.hf_config, tokenizer=hf_path)
+            result.export_dir = out / "export"
+        if rank == 0:
+            print(format_summary(result), flush=True)
         return history
     finally:
         if own_stopper:
