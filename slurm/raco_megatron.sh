@@ -25,8 +25,10 @@
 
 # Run settings (override any of them from the environment).
 : "${RACO_BACKEND:=megatron}"
-# A GPT built from the megatron.* shape below; Hugging Face checkpoints need raco_ds.megatron.hf (issue #21).
-: "${RACO_MODEL:=tiny}"
+# A random GPT of the megatron.* shape below. To start from a Hugging Face model, set RACO_MODEL to its
+# folder and drop the megatron.num_layers/hidden_size/num_attention_heads/ffn_hidden_size options (its
+# config gives the shape); add --checkpointing.export true for an HF export in $RACO_OUTPUT_DIR/export.
+: "${RACO_MODEL:=random-gpt}"
 : "${RACO_OUTPUT_DIR:=outputs/raco-megatron}"
 : "${RACO_MICRO_BATCH:=1}"                 # pairs per micro-batch per data-parallel rank
 : "${RACO_SEQ_LEN:=4096}"                  # tokens per row (data.max_length; pipeline shapes are fixed)
