@@ -320,7 +320,7 @@ class HeldOutEvaluator:
         """The held-out pairs of ``cfg`` tokenised for ``reference``, with the reference's scores (cached)."""
         from raco_ds.models import load_model, load_tokenizer
         from raco_ds.trainer.eval import score_pairs
-        from raco_ds.trainer.loop import build_data
+        from raco_ds.trainer.data import build_data
 
         key = hashlib.sha256(json.dumps({
             "reference": reference, "dtype": cfg.model.dtype, "data": vars(cfg.data),

@@ -1,22 +1,43 @@
-"""Where numbers go: TensorBoard and the console, written by rank 0 only.
+"""Where numbers go: TensorBoard and ``metrics.jsonl`` in the run folder, written by rank 0 only.
 
 :class:`MetricsWriter` is the one processor every scalar passes through
 (torchtitan's rule): other ranks get a writer that drops everything, so no
-call site ever checks the rank. Tag names are listed in :data:`TAGS` so
-that tests and dashboards agree on them.
+call site ever checks the rank; :func:`open_metrics_writer` is where the
+trainer creates it. Tag names are listed in :data:`TAGS` so that tests and
+dashboards agree on them. ``metrics.jsonl`` holds one line per step
+(:func:`append_jsonl`); a resumed run first drops the lines a crashed run
+logged after its last checkpoint (:func:`truncate_jsonl`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["TAGS", "MetricsWriter", "memory_scalars", "raco_scalars"]
+from raco_ds.diskcache import atomic_file
+from raco_ds.trainer.config import TrainConfig
+
+__all__ = [
+    "METRICS_FILE",
+    "TAGS",
+    "MetricsWriter",
+    "append_jsonl",
+    "eval_scalars",
+    "memory_scalars",
+    "open_metrics_writer",
+    "raco_scalars",
+    "truncate_jsonl",
+]
+
+METRICS_FILE = "metrics.jsonl"
+"""The per-step scalars, one JSON object per line, in the run folder."""
 
 TAGS = {
     "per_objective": ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward"),
@@ -95,6 +116,16 @@ def raco_scalars(stats, names: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def eval_scalars(result: Mapping[str, Sequence[float]], names: Sequence[str]) -> dict[str, float]:
+    """TensorBoard scalars of held-out metrics ``{metric: [value per objective]}`` (pair counts left out)."""
+    return {
+        TAGS["eval"].format(metric=metric, objective=name): value
+        for metric, values in result.items()
+        if metric != "num_pairs"
+        for name, value in zip(names, values)
+    }
+
+
 class MetricsWriter:
     """Scalars to TensorBoard under ``<log_dir>``; a no-op on every rank but 0 (or when disabled)."""
 
@@ -129,3 +160,31 @@ class MetricsWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def open_metrics_writer(cfg: TrainConfig, out: Path, rank: int, step: int) -> MetricsWriter:
+    """The run's writer, under ``<out>/tensorboard``; a run resumed at ``step`` drops the events logged after it."""
+    return MetricsWriter(out / "tensorboard", enabled=cfg.logging.tensorboard, rank=rank,
+                         purge_step=step + 1 if step else None)  # fmt: skip
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` to ``path`` as one JSON line."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line torn by a crash mid-write
+        return None
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines logged after ``last_step`` (a crashed run may have logged steps it never checkpointed)."""
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= last_step]
+        with atomic_file(path) as tmp:  # a crash now must not cost the lines kept
+            tmp.write_text("".join(line + "\n" for line in kept))
