@@ -58,6 +58,9 @@ __all__ = ["Run", "train", "train_step"]
 
 logger = logging.getLogger("raco_ds.trainer")
 
+_CHECKPOINTS = "checkpoints"
+"""The checkpoint folder inside the run folder (raco_ds.trainer.checkpoint's layout)."""
+
 
 def train(cfg: TrainConfig, stopper: PreemptionHandler | None = None) -> RunResult:
     """Run the whole job described by ``cfg`` (on every rank) and return its result.
@@ -72,7 +75,7 @@ def train(cfg: TrainConfig, stopper: PreemptionHandler | None = None) -> RunResu
     setup_logging(rank)
     seed_everything(cfg.optimisation.seed)
     out = Path(cfg.checkpointing.output_dir)
-    latest = resume_point(cfg, out / "checkpoints", world)
+    latest = resume_point(cfg, out / _CHECKPOINTS, world)
     lock = OutputDirLock(out).acquire() if rank == 0 else None  # one job per run folder
     own_stopper = stopper is None
     stopper = PreemptionHandler().install() if own_stopper else stopper  # stop signals: a flag polled per step
@@ -176,7 +179,7 @@ class Run:
     @property
     def checkpoints(self) -> Path:
         """The run's checkpoint folder."""
-        return self.out / "checkpoints"
+        return self.out / _CHECKPOINTS
 
     def losses_from_logits(self, batch, logits: torch.Tensor):
         """(PreferenceLosses, summed response log-probs (2B,)) of a micro-batch from its logits."""
