@@ -38,10 +38,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raco_ds.data.batch import PreferenceBatch
 from raco_ds.diskcache import atomic_file
+from raco_ds.losses import PreferenceLosses
 from raco_ds.preemption import OutputDirLock, PreemptionHandler
 from raco_ds.trainer.checkpoint import VerifiedCheckpoint, resume_point
 from raco_ds.trainer.config import TrainConfig, save_config
+from raco_ds.trainer.eval import PairScores
 from raco_ds.trainer.metrics import (
     METRICS_FILE,
     MetricsWriter,
@@ -168,11 +171,13 @@ class Run:
     capture: Any = None
     """The step's capture strategy (raco_ds.trainer.capture), chosen once after the hook exists."""
     skips: SkipCounter | None = None
-    reference: Any = None
-    """The initial model's PairScores of the run's pairs (raco_ds.trainer.reference)."""
+    """Counts steps skipped in a row for non-finite gradients."""
+    reference: PairScores | None = None
+    """The initial model's scores of the run's pairs (raco_ds.trainer.reference)."""
     step: int = 0
     """Optimizer steps completed."""
     tokens_seen: int = 0
+    """Tokens of every rank's micro-batches so far (saved in checkpoints)."""
     nonfinite_objective: int | None = None
     """The objective whose loss is made NaN in the current step (debug.inject_nonfinite), or None."""
 
@@ -181,7 +186,7 @@ class Run:
         """The run's checkpoint folder."""
         return self.out / _CHECKPOINTS
 
-    def losses_from_logits(self, batch, logits: torch.Tensor):
+    def losses_from_logits(self, batch: PreferenceBatch, logits: torch.Tensor) -> tuple[PreferenceLosses, torch.Tensor]:
         """(PreferenceLosses, summed response log-probs (2B,)) of a micro-batch from its logits."""
         from raco_ds.logprobs import response_logps
         from raco_ds.losses import preference_losses
@@ -200,7 +205,7 @@ class Run:
             out = dataclasses.replace(out, losses=with_nan_loss(out.losses, self.nonfinite_objective))
         return out, logps
 
-    def losses(self, batch):
+    def losses(self, batch: PreferenceBatch) -> PreferenceLosses:
         """Forward a micro-batch through the engine; its K per-objective PreferenceLosses."""
         logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         return self.losses_from_logits(batch, logits)[0]
@@ -249,7 +254,7 @@ def _build(cfg: TrainConfig, rank: int, world: int, device: torch.device, out: P
     return run
 
 
-def _reference(run: Run, resumed: bool):
+def _reference(run: Run, resumed: bool) -> PairScores:
     """The initial model's scores (raco_ds.trainer.reference); the collator attaches them to every batch."""
     from raco_ds.trainer.reference import initial_reference, reference_free
 
@@ -294,7 +299,7 @@ def _open_logs(run: Run) -> MetricsWriter:
     return writer
 
 
-def _progress_bar(run: Run):
+def _progress_bar(run: Run) -> Any:
     """A tqdm bar on rank 0 when logging.progress_bar is on; a disabled one (all calls no-ops) otherwise."""
     from tqdm.auto import tqdm
 
@@ -327,7 +332,7 @@ def _stop_reason(run: Run, stopper: PreemptionHandler, steps_this_job: int) -> s
     return None
 
 
-def _evaluate(run: Run, scores=None) -> dict[str, list[float]]:
+def _evaluate(run: Run, scores: PairScores | None = None) -> dict[str, list[float]]:
     """Held-out metrics of ``scores`` (default: the engine's current weights, scored now) against the reference."""
     from raco_ds.trainer.eval import evaluate, score_pairs
 
