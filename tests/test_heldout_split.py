@@ -83,3 +83,22 @@ def test_rejects_a_split_that_leaves_nothing_to_train(tokenizer):
     cfg = parse_args([*HELPSTEER, "--data.num_eval_pairs", "510"])
     with pytest.raises(ConfigError, match="whole prompt groups"):
         build_data(cfg, tokenizer, rank=0, world=1)
+
+
+def test_generation_answers_each_heldout_prompt_once_however_truncation_rendered_it(tokenizer):
+    """A prompt kept whole in one pair and cut in another (short max_prompt_length) is one prompt."""
+    from raco_ds.pareto.evaluate import _held_out_prompts, _Split
+    from raco_ds.trainer.data import build_data
+
+    cfg = parse_args([*HELPSTEER, "--data.num_eval_pairs", "64", "--data.num_train_pairs", "null",
+                      "--data.max_length", "96", "--data.max_prompt_length", "24"])
+    pairs = load_preference_data(get_preset("helpsteer")).pairs
+    dataset, collator, split, _ = build_data(cfg, tokenizer, rank=0, world=1)
+    renderings: dict[str, set[bytes]] = {}
+    for i in split.eval_indices:
+        renderings.setdefault(_texts(pairs[i])[0], set()).add(dataset[i].prompt_ids.tobytes())
+    assert any(len(r) > 1 for r in renderings.values()), "the case this test needs: one prompt rendered twice"
+
+    prompts, clusters, users = _held_out_prompts(_Split(dataset, split, [], collator, None), limit=1000)
+    assert len(prompts) == len(renderings) == len(set(split.eval_prompts.values()))
+    assert len(clusters) == len(users) == len(prompts)

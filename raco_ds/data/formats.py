@@ -8,7 +8,9 @@ Labels: A is always the first response of the row (``response_0`` for shared
 pairs, ``chosen`` for per-objective pairs, the earlier row for scored pairs).
 
 * shared: objective k's label is +1 when ``row[label_field] == response_ids[0]``,
-  -1 when it equals ``response_ids[1]``; anything else is an invalid row.
+  -1 when it equals ``response_ids[1]``; anything else is an invalid row. With
+  ``label_field="@shorter"`` the response with fewer words wins (a tie when
+  equal): the summarisation setting's conciseness.
 * per_objective: the pair's own objective gets +1 (chosen is A), the others 0.
 * scored: +1 when A's score wins, -1 when B's wins, 0 on equal scores. A pair
   tied on every objective carries no gradient for anyone and is dropped
@@ -18,6 +20,11 @@ pairs, ``chosen`` for per-objective pairs, the earlier row for scored pairs).
   are the two responses and the dialogue before them (which must be the same
   in both) is the prompt. Consecutive turns of the same speaker are merged
   (joined by a blank line) so roles alternate, as strict chat templates require.
+
+Field names may be dotted paths into nested rows (``summaries.0.text``: key,
+list index, key); a prompt may be built from several fields by the spec's
+``prompt_template``. :data:`FORMATS` maps each spec format to its parser: the
+loader has no other dispatch.
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ from itertools import combinations
 from numbers import Real
 from typing import Any
 
-from raco_ds.data.objectives import DatasetSpec
+from raco_ds.data.objectives import SHORTER, DatasetSpec, Source
 from raco_ds.data.records import InvalidRowError, Message, PreferencePair, RowRef
 
 __all__ = [
+    "FORMATS",
     "ScoredStats",
     "parse_hh_transcript",
     "parse_per_objective",
@@ -44,6 +52,7 @@ Parsed = PreferencePair | InvalidRowError
 RawRows = Iterable[tuple[RowRef, "dict[str, Any] | InvalidRowError"]]
 
 _ROLES = ("system", "user", "assistant")
+_TEMPLATE_FIELD = re.compile(r"\{([\w.]+)\}")
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 
@@ -52,11 +61,21 @@ _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 
 
 def _field(row: dict[str, Any], name: str, where: RowRef) -> Any:
-    if name not in row:
-        raise InvalidRowError(where, name, f"missing field {name!r} (row has {sorted(row)})")
-    if row[name] is None:
+    """``row[name]``, or for a dotted path (``summaries.0.text``) the nested value; missing or null raises."""
+    if name in row:
+        value = row[name]
+    else:
+        value = row
+        for part in name.split("."):
+            if isinstance(value, dict) and part in value:
+                value = value[part]
+            elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+                value = value[int(part)]
+            else:
+                raise InvalidRowError(where, name, f"missing field {name!r} (row has {sorted(row)})")
+    if value is None:
         raise InvalidRowError(where, name, f"{name!r} is null (the row records no value for it)")
-    return row[name]
+    return value
 
 
 def _text(row: dict[str, Any], name: str, where: RowRef, what: str = "text") -> str:
@@ -99,6 +118,18 @@ def _prompt(row: dict[str, Any], name: str, where: RowRef) -> tuple[Message, ...
     return messages
 
 
+def _row_prompt(spec: DatasetSpec, row: dict[str, Any], where: RowRef) -> tuple[Message, ...]:
+    """The row's prompt: the spec's prompt_template filled from the row, else its prompt_field."""
+    if spec.prompt_template is None:
+        return _prompt(row, spec.prompt_field, where)
+    text = _TEMPLATE_FIELD.sub(lambda match: _text(row, match.group(1), where), spec.prompt_template)
+    return ({"role": "user", "content": text},)
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
 def _response(value: Any, name: str, where: RowRef) -> str:
     """A response: a non-empty string or a conversational single assistant message."""
     if isinstance(value, list):
@@ -139,11 +170,15 @@ def parse_shared(spec: DatasetSpec, raw: RawRows) -> Iterator[Parsed]:
     id_a, id_b = spec.response_ids
 
     def parse(where: RowRef, row: dict[str, Any]) -> PreferencePair:
-        prompt = _prompt(row, spec.prompt_field, where)
+        prompt = _row_prompt(spec, row, where)
         response_a = _response(_field(row, field_a, where), field_a, where)
         response_b = _response(_field(row, field_b, where), field_b, where)
         labels = []
         for objective in spec.objectives:
+            if objective.label_field == SHORTER:
+                words_a, words_b = _words(response_a), _words(response_b)
+                labels.append(0 if words_a == words_b else (1 if words_a < words_b else -1))
+                continue
             value = _field(row, objective.label_field, where)
             if isinstance(value, bool) or value not in (id_a, id_b):
                 raise InvalidRowError(
@@ -252,7 +287,7 @@ def parse_scored(spec: DatasetSpec, raw: RawRows, stats: ScoredStats | None = No
     groups: dict[str, list[tuple[RowRef, tuple[Message, ...], str, tuple[float, ...]]]] = {}
 
     def validate(where: RowRef, row: dict[str, Any]) -> None:
-        prompt = _prompt(row, spec.prompt_field, where)
+        prompt = _row_prompt(spec, row, where)
         response = _response(_field(row, spec.response_field, where), spec.response_field, where)
         scores = []
         for objective in spec.objectives:
@@ -283,3 +318,32 @@ def parse_scored(spec: DatasetSpec, raw: RawRows, stats: ScoredStats | None = No
                 stats.all_tie_pairs += 1
                 continue
             yield PreferencePair(prompt, response_a, response_b, labels, -1, where)
+
+
+# ---- the registry ------------------------------------------------------------------------------
+
+ReadRows = Callable[[tuple[Source, ...]], RawRows]
+"""Reads the rows of some sources, in order (the loader's reader)."""
+FormatParser = Callable[[DatasetSpec, ReadRows, ScoredStats], Iterator[Parsed]]
+"""Parses a whole spec: its sources' rows to pairs and row errors."""
+
+
+def _parse_shared_spec(spec: DatasetSpec, read: ReadRows, stats: ScoredStats) -> Iterator[Parsed]:
+    return parse_shared(spec, read(spec.files))
+
+
+def _parse_per_objective_spec(spec: DatasetSpec, read: ReadRows, stats: ScoredStats) -> Iterator[Parsed]:
+    for k, objective in enumerate(spec.objectives):
+        yield from parse_per_objective(spec, k, read(objective.files))
+
+
+def _parse_scored_spec(spec: DatasetSpec, read: ReadRows, stats: ScoredStats) -> Iterator[Parsed]:
+    return parse_scored(spec, read(spec.files), stats)
+
+
+FORMATS: dict[str, FormatParser] = {
+    "shared": _parse_shared_spec,
+    "per_objective": _parse_per_objective_spec,
+    "scored": _parse_scored_spec,
+}
+"""One parser per :data:`~raco_ds.data.objectives.FORMAT_NAMES` entry (``scored`` fills the stats)."""

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raco_ds.data.formats import ScoredStats, parse_per_objective, parse_scored, parse_shared
-from raco_ds.data.objectives import DatasetSpec
+from raco_ds.data.formats import FORMATS, ScoredStats
+from raco_ds.data.hub import HubSource, load_hub
+from raco_ds.data.objectives import DatasetSpec, Source
 from raco_ds.data.readers import read_rows
 from raco_ds.data.records import DataError, InvalidRowError, PreferencePair, SkipLog
 
@@ -99,12 +100,20 @@ def content_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _source_hash(source: Source) -> str:
+    if isinstance(source, HubSource):
+        # A local copy: its bytes; a Hub name: the fingerprint datasets gives the downloaded split.
+        local = Path(source.path)
+        return content_hash(local) if local.is_dir() else load_hub(source)._fingerprint
+    return content_hash(source)
+
+
 def _fingerprint(spec: DatasetSpec) -> str:
-    description = {"spec": spec.to_dict(), "content": [content_hash(f) for f in spec.all_files()]}
+    description = {"spec": spec.to_dict(), "content": [_source_hash(f) for f in spec.all_files()]}
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _rows_of(files: Iterable[str]) -> Iterator[Any]:
+def _rows_of(files: Iterable[Source]) -> Iterator[Any]:
     for file in files:
         yield from read_rows(file)
 
@@ -117,17 +126,8 @@ def load_preference_data(spec: DatasetSpec, skip_invalid: bool | None = None) ->
     :class:`DataError` when an objective has no usable (non-tie) pair.
     """
     skip = spec.skip_invalid if skip_invalid is None else skip_invalid
-    scored = ScoredStats() if spec.format == "scored" else None
-    if spec.format == "shared":
-        parsed: Iterable[PreferencePair | InvalidRowError] = parse_shared(spec, _rows_of(spec.files))
-    elif spec.format == "scored":
-        parsed = parse_scored(spec, _rows_of(spec.files), scored)
-    else:
-        parsed = (
-            item
-            for k, objective in enumerate(spec.objectives)
-            for item in parse_per_objective(spec, k, _rows_of(objective.files))
-        )
+    stats = ScoredStats()
+    parsed = FORMATS[spec.format](spec, _rows_of, stats)
     pairs: list[PreferencePair] = []
     skipped = SkipLog()
     for item in parsed:
@@ -138,7 +138,7 @@ def load_preference_data(spec: DatasetSpec, skip_invalid: bool | None = None) ->
         else:
             pairs.append(item)
     skipped.log()
-    data = PreferenceData(spec, pairs, skipped, _fingerprint(spec), scored)
+    data = PreferenceData(spec, pairs, skipped, _fingerprint(spec), stats if spec.format == "scored" else None)
     _check_every_objective_has_pairs(data)
     logger.info(
         "loaded %d pairs for objectives %s (label counts %s, %d rows skipped)",

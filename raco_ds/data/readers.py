@@ -13,12 +13,16 @@ Sources:
   ``load_from_disk``); a ``DatasetDict`` must have a ``train`` split. Row =
   1-based record index.
 * an in-memory ``datasets.Dataset`` (e.g. the result of ``load_dataset``).
+* a :class:`~raco_ds.data.hub.HubSource`: one split read through
+  ``datasets.load_dataset`` (a Hub name or a local folder laid out like a Hub
+  repository), its name in errors ``path[config=...,split=...]``. Row =
+  1-based record index within the split.
 
 Every file must be UTF-8: a line that is not is an invalid row (``file:row``
 and the offending byte), so ``skip_invalid`` can skip it like any other. A
 source without a single row is an error naming it.
 
-Nothing is downloaded: a path that does not exist is an error.
+Nothing but a HubSource with a Hub name is downloaded: a path that does not exist is an error.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raco_ds.data.hub import HubSource, load_hub
 from raco_ds.data.records import DataError, InvalidRowError, RowRef
 
 __all__ = ["RawRow", "read_rows", "source_name"]
@@ -39,7 +44,7 @@ RawRow = tuple[RowRef, "dict[str, Any] | InvalidRowError"]
 
 def source_name(source: Any) -> str:
     """A printable name for a source: the path, or an in-memory dataset's fingerprint."""
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, (str, os.PathLike, HubSource)):
         return str(source)
     fingerprint = getattr(source, "_fingerprint", None)
     return f"<dataset {fingerprint}>" if fingerprint else "<dataset>"
@@ -66,6 +71,9 @@ def read_rows(source: Any) -> Iterator[RawRow]:
 
 
 def _read_source(source: Any) -> Iterator[RawRow]:
+    if isinstance(source, HubSource):
+        yield from _read_dataset(load_hub(source), str(source))
+        return
     if not isinstance(source, (str, os.PathLike)):
         yield from _read_dataset(source, source_name(source))
         return

@@ -329,14 +329,18 @@ class HeldOutEvaluator:
 
 
 def _held_out_prompts(held: _Split, limit: int) -> tuple[list[list[int]], list[str], list[str | None]]:
-    """Distinct rendered prompts of the held-out pairs (split order), their groups and user texts."""
-    seen: set[bytes] = set()
+    """Distinct held-out prompts (split order), their groups and user texts.
+
+    A prompt is identified by its text, so one prompt that truncation rendered differently in two
+    pairs is answered once (as in its first pair)."""
+    seen: set[str | bytes] = set()
     prompts, clusters, users = [], [], []
     for i in held.split.eval_indices:
         ids = held.dataset[i].prompt_ids
-        if ids.tobytes() in seen:
+        identity = held.split.eval_prompts[i] if held.split.eval_prompts else ids.tobytes()
+        if identity in seen:
             continue
-        seen.add(ids.tobytes())
+        seen.add(identity)
         prompts.append(ids.tolist())
         clusters.append(f"g{held.split.groups[i]}")
         users.append(held.split.eval_users.get(i) if held.split.eval_users else None)

@@ -84,13 +84,15 @@ class LoraAdapterConfig:
     """LoRA adapters through the peft library (r > 0): only the adapters train; the frozen base is the reference."""
 
     r: int = 0
-    """Adapter rank; 0 disables LoRA (then model.trainable_last_blocks decides what trains). With r > 0 every
+    """Adapter rank (TRL: peft_config=LoraConfig(r=...)); 0 disables LoRA (then model.trainable_last_blocks
+    decides what trains). With r > 0 every
     base weight is frozen and adapters go on the linear layers of the last model.trainable_last_blocks blocks
     (-1: all blocks); train_final_norm and train_embeddings do not apply."""
     alpha: float = 16.0
-    """Scaling numerator: the adapter's output is multiplied by alpha / r (alpha / sqrt(r) with use_rslora)."""
+    """LoraConfig's lora_alpha. Scaling numerator: the adapter's output is multiplied by alpha / r (alpha /
+    sqrt(r) with use_rslora)."""
     dropout: float = 0.0
-    """Dropout on the adapters' input (replayed exactly by one-pass capture's self-check)."""
+    """LoraConfig's lora_dropout. Dropout on the adapters' input (replayed exactly by one-pass capture's self-check)."""
     target_modules: list[str] | None = None
     """Names (last component, e.g. q_proj,v_proj) of the block linear layers that get adapters. None: every
     linear layer of the blocks (attention and MLP; never the embeddings or the LM head)."""
@@ -106,14 +108,16 @@ class ModelConfig:
     """Which model to train and which of its parameters move."""
 
     name_or_path: str = "smollm2-135m"
-    """A local HF folder, or a short name known to raco_ds.models ("smollm2-135m": the packaged
+    """The model to train (TRL: DPOTrainer's model; the frozen initial model is the reference, ref_model=None).
+    A local HF folder, or a short name known to raco_ds.models ("smollm2-135m": the packaged
     SmolLM2-135M-Instruct; "tiny": a tiny random Llama with a locally trained tokenizer)."""
     dtype: str = "fp32"
-    """Parameter dtype: "fp32" or "bf16" (fills the DeepSpeed config's bf16/fp16 "auto"
+    """Parameter dtype (TRL: bf16=True is "bf16"): "fp32" or "bf16" (fills the DeepSpeed config's bf16/fp16 "auto"
     fields; fp16 is refused: its loss scaling would rescale each objective differently). CPUs want
     fp32; GPUs want bf16."""
     gradient_checkpointing: bool = False
-    """Recompute activations in the backward to save memory (slower; for long sequences on GPU)."""
+    """TRL: gradient_checkpointing. Recompute activations in the backward to save memory (slower; for long
+    sequences on GPU)."""
     trainable_last_blocks: int = 4
     """Train only the last N transformer blocks (plus the final norm if train_final_norm); -1 trains
     every parameter. Freezing the bottom of the network also stops the backward there, which is
@@ -131,15 +135,30 @@ class DataConfig:
     """Which preference data, how it is tokenised, and the held-out split."""
 
     dataset: str = "helpsteer"
-    """A raco_ds.data preset ("pku_saferlhf": shared pairs; "hh_rlhf": per-objective pairs;
-    "helpsteer") or a path to a JSON-lines file in TRL preference format."""
+    """What DPOTrainer's train_dataset is in TRL. A bundled sample ("helpsteer"; "pku_saferlhf": shared pairs;
+    "hh_rlhf": per-objective pairs), a full Hub data set with a preset (PKU-Alignment/PKU-SafeRLHF,
+    Anthropic/hh-rlhf, nvidia/HelpSteer, nvidia/HelpSteer2, openai/summarize_from_feedback; docs/data.md),
+    any other Hub name or local folder laid out like a Hub repository (read by datasets.load_dataset, TRL
+    prompt/chosen/rejected columns, objective "preference"), or a local jsonl/json/parquet file or
+    save_to_disk folder in TRL format."""
     data_dir: str | None = None
-    """Folder holding the preset's files under their bundled names (e.g. a full PKU-SafeRLHF export
-    as pku_saferlhf_sample.jsonl). None: the bundled samples (data/)."""
+    """Folder holding the preset's files: for a bundled sample, files under their bundled names (e.g. a full
+    PKU-SafeRLHF export as pku_saferlhf_sample.jsonl); for a Hub preset, a local copy of its Hub repository
+    (huggingface_hub.snapshot_download). None: the bundled samples (data/), or the Hub."""
+    config_name: str | None = None
+    """The Hub configuration (load_dataset's name, e.g. alpaca-7b for PKU-SafeRLHF); None: the default one."""
+    split: str | None = None
+    """The split read through load_dataset; None: the preset's (train)."""
+    revision: str | None = None
+    """The Hub revision (branch, tag or commit) read through load_dataset; None: the preset's (main)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Column renames before parsing, {name in the data: name raco_ds reads}, e.g. {question: prompt}
+    (a Hub name or Hub-layout folder only)."""
     max_length: int = 192
-    """Tokens per row (prompt + response); longer rows are truncated."""
+    """Tokens per row (prompt + response); longer rows are truncated. TRL: max_length."""
     max_prompt_length: int = 64
-    """Prompt tokens kept (from the end of the prompt) before the response."""
+    """Prompt tokens kept (from the end of the prompt, TRL's truncation_mode keep_end) before the response.
+    TRL: max_prompt_length."""
     num_train_pairs: int | None = 96
     """Use at most this many training pairs (None: all but the held-out pairs)."""
     num_eval_pairs: int = 64
@@ -153,6 +172,18 @@ class DataConfig:
     skip_invalid: bool = False
     """Skip malformed data rows (counted and summarised in one warning) instead of stopping at the
     first one with its file:row:field."""
+
+    def spec(self, objectives: list[str]) -> Any:
+        """The :class:`~raco_ds.data.objectives.DatasetSpec` these options name, with ``objectives`` selected."""
+        from raco_ds.data.objectives import resolve_dataset  # here: configs parse before the data code loads
+        from raco_ds.data.records import DataError
+
+        try:
+            return resolve_dataset(self.dataset, objectives=objectives, data_dir=self.data_dir,
+                                   config_name=self.config_name, split=self.split, revision=self.revision,
+                                   columns=self.columns)  # fmt: skip
+        except DataError as err:  # a name or option that matches no data: the config's to fix
+            raise ConfigError(str(err)) from None
 
 
 @dataclass(kw_only=True)
@@ -170,11 +201,13 @@ class LossConfig:
     """The per-objective preference loss."""
 
     name: str = "dpo"
-    """A raco_ds.losses registry name: "dpo", "ipo", "hinge", "simpo" (reference-free)."""
+    """A raco_ds.losses registry name: "dpo", "ipo", "hinge", "simpo" (reference-free). TRL: loss_type
+    ("sigmoid" is "dpo"; CPOTrainer's "simpo" is "simpo")."""
     beta: float = 0.2
-    """Inverse temperature (0.2 is the RACO paper's value; SimPO wants ~2.0)."""
+    """Inverse temperature (0.2 is the RACO paper's value; SimPO wants ~2.0). TRL: beta."""
     options: dict[str, float] = field(default_factory=dict)
-    """Loss-specific options, e.g. {label_smoothing: 0.1} for dpo or {gamma: 0.5} for simpo."""
+    """Loss-specific options, e.g. {label_smoothing: 0.1} for dpo (TRL: label_smoothing) or {gamma: 0.5} for
+    simpo."""
 
 
 @dataclass(kw_only=True)
@@ -206,43 +239,56 @@ class OptimisationConfig:
     """Optimizer, schedule, batch arithmetic and the step budget."""
 
     max_steps: int = 12
-    """Optimizer steps to train."""
+    """Optimizer steps to train. TRL: max_steps (there is no num_train_epochs: pools cycle in seeded epochs)."""
     micro_batch_size: int = 4
-    """Pairs per micro-batch per rank (fills DeepSpeed's train_micro_batch_size_per_gpu)."""
+    """Pairs per micro-batch per rank (fills DeepSpeed's train_micro_batch_size_per_gpu). TRL:
+    per_device_train_batch_size."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches per objective per optimizer step (fills DeepSpeed's gradient_accumulation_steps)."""
+    """Micro-batches per objective per optimizer step (fills DeepSpeed's gradient_accumulation_steps). TRL:
+    gradient_accumulation_steps."""
     lr: float = 1.5e-4
-    """Peak learning rate (fills the DeepSpeed optimizer's and scheduler's "auto" lr)."""
+    """Peak learning rate (fills the DeepSpeed optimizer's and scheduler's "auto" lr). TRL: learning_rate."""
     warmup_steps: int = 0
-    """With N > 0: DeepSpeed's WarmupDecayLR warms up linearly from 0 over N steps (its first step
+    """TRL: warmup_steps. With N > 0: DeepSpeed's WarmupDecayLR warms up linearly from 0 over N steps (its first step
     runs at lr 0), then decays linearly to 0 at max_steps. With 0: a constant lr (that schedule
     decays towards its start value, so starting at lr leaves nothing to decay)."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """AdamW weight decay. TRL: weight_decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas."""
+    """AdamW betas. TRL: adam_beta1, adam_beta2."""
     eps: float = 1e-8
-    """AdamW epsilon."""
+    """AdamW epsilon. TRL: adam_epsilon."""
     max_grad_norm: float = 1.0
-    """Clip the combined update to this norm (DeepSpeed's gradient_clipping); 0 disables."""
+    """Clip the combined update to this norm (DeepSpeed's gradient_clipping); 0 disables. TRL: max_grad_norm."""
     seed: int = 0
-    """Seed of model init, data order and every RNG (identical on every rank)."""
+    """Seed of model init, data order and every RNG (identical on every rank). TRL: seed."""
 
 
 @dataclass(kw_only=True)
 class LoggingConfig:
-    """Console, TensorBoard and held-out evaluation."""
+    """Console, trackers (TensorBoard, wandb) and held-out evaluation."""
 
     eval_every: int = 0
-    """Held-out evaluation every N steps (0: only before and after training)."""
+    """Held-out evaluation every N steps (0: only before and after training). TRL: eval_steps."""
     eval_batch_size: int = 8
-    """Pairs per evaluation batch per rank."""
+    """Pairs per evaluation batch per rank. TRL: per_device_eval_batch_size."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where scalars go, as in transformers/TRL: "tensorboard" (event files under <output_dir>/tensorboard),
+    "wandb" (Weights & Biases; WANDB_MODE, WANDB_PROJECT, WANDB_DIR apply; needs pip install wandb), both
+    (tensorboard,wandb), or "none". The same scalar names in each; rank 0 only."""
+    run_name: str | None = None
+    """The run's name in wandb (TRL: run_name); None: the output folder's name."""
     tensorboard: bool = True
-    """Write TensorBoard event files under <output_dir>/tensorboard (rank 0 only)."""
+    """False turns TensorBoard off even when report_to names it (kept for configs written before
+    report_to)."""
     progress_bar: bool = True
     """tqdm progress bar on rank 0."""
     log_every: int = 1
-    """Write training scalars every N steps."""
+    """Write training scalars every N steps. TRL: logging_steps."""
+
+    def trackers(self) -> list[str]:
+        """The trackers that receive scalars (report_to, without tensorboard when tensorboard is false)."""
+        return [name for name in self.report_to if name != "none" and (name != "tensorboard" or self.tensorboard)]
 
 
 @dataclass(kw_only=True)
@@ -250,18 +296,20 @@ class CheckpointConfig:
     """Where the run writes, checkpoints, resume and export."""
 
     output_dir: str = "outputs/raco"
-    """Run folder: config.yaml, tensorboard/, checkpoints/, export/."""
+    """Run folder: config.yaml, tensorboard/, checkpoints/, export/. TRL: output_dir."""
     save_every: int = 0
-    """Checkpoint every N steps (0: only at the end when save_final is set)."""
+    """Checkpoint every N steps (0: only at the end when save_final is set). TRL: save_steps."""
     save_final: bool = False
     """Also checkpoint after the last step (needed to --resume beyond max_steps later)."""
     keep_last: int = 2
-    """Complete checkpoints kept; older ones are deleted after a newer one is complete (0: keep all)."""
+    """TRL: save_total_limit. Complete checkpoints kept; older ones are deleted after a newer one is complete
+    (0: keep all)."""
     stop_after_steps: int = 0
     """Checkpoint and stop after this many steps in this job (0: run to max_steps); continue with
     --resume. For time-sliced allocations; the LR schedule still spans max_steps."""
     resume: Literal[False, True, "strict"] = False
-    """Continue from the newest intact checkpoint in output_dir/checkpoints (if there is one); a
+    """TRL: resume_from_checkpoint=True. Continue from the newest intact checkpoint in output_dir/checkpoints
+    (if there is one); a
     damaged newer one (a file that no longer matches the checkpoint's manifest) is reported and passed
     over. "strict" (--resume strict) stops with an error instead of passing over a damaged one."""
     export: bool = True
@@ -321,7 +369,8 @@ class TrainConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     """Fault injection."""
     ds_config: str | None = None
-    """DeepSpeed JSON config ("auto" fields are filled from this config). None: ds_configs/zero3.json."""
+    """TRL: deepspeed. DeepSpeed JSON config ("auto" fields are filled from this config). None:
+    ds_configs/zero3.json."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -453,11 +502,24 @@ def _validate(cfg: TrainConfig) -> None:
         if value < 0:
             raise ConfigError(f"{name} must be >= 0, got {value}")
     cfg.debug.nonfinite_target(names)
+    _validate_report_to(cfg.logging.report_to)
     if cfg.model.trainable_last_blocks < -1:
         raise ConfigError(
             f"model.trainable_last_blocks must be -1 (all) or >= 0, got {cfg.model.trainable_last_blocks}"
         )
     _validate_lora(cfg.model)
+
+
+def _validate_report_to(report_to: list[str]) -> None:
+    from raco_ds.trainer.trackers import TRACKERS  # here: trackers.py imports this module
+
+    allowed = [*TRACKERS, "none"]
+    unknown = [name for name in report_to if name not in allowed]
+    if unknown or not report_to:
+        raise ConfigError(f"logging.report_to={report_to} names {unknown or 'nothing'}; use one or more of "
+                          f"{allowed}, e.g. --logging.report_to tensorboard,wandb")  # fmt: skip
+    if "none" in report_to and len(report_to) > 1:
+        raise ConfigError(f"logging.report_to={report_to} mixes none with trackers; pass none alone, or drop it")
 
 
 def _validate_lora(model: ModelConfig) -> None:
@@ -673,6 +735,7 @@ def help_text() -> str:
         "                                [--OPTION VALUE ...]",
         "",
         f"presets: {', '.join(PRESETS)} (default: the README main job)",
+        "coming from TRL: docs/trl.md maps each DPOConfig option to its option here ('TRL: name' below)",
         "short options:",
     ]
     lines += [f"  {alias:<14} = --{dotted}" for alias, dotted in ALIASES.items()]
@@ -741,4 +804,8 @@ def parse_args(argv: list[str]) -> TrainConfig:
     cli: dict[str, Any] = {}
     for dotted, value in overrides.items():
         _set_dotted(cli, dotted, value)
-    return config_from_dict(cli, source="the command line", base=data)
+    cfg = config_from_dict(cli, source="the command line", base=data)
+    from raco_ds.trainer.trackers import require_tracker_packages
+
+    require_tracker_packages(cfg.logging.trackers())  # a missing wandb must not cost a DeepSpeed start-up
+    return cfg

@@ -27,9 +27,10 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,6 +59,9 @@ class DataSplit:
     eval_users: dict[int, str] | None = None
     """Held-out pair index -> the last user turn of its prompt as plain text (for judges that
     render conversations in their own format); None when the split was made without texts."""
+    eval_prompts: dict[int, str] | None = None
+    """Held-out pair index -> its whole prompt (every turn) as one string: the identity of a prompt
+    however truncation rendered it in each pair; None when the split was made without texts."""
 
     def describe(self) -> str:
         """One log line: the split's sizes and the no-leak guarantee."""
@@ -148,9 +152,12 @@ def split_pairs(
                 "leaves none to train on. Lower --data.num_eval_pairs or use more data"
             )
         train_pools.append(rest if cfg.data.num_train_pairs is None else rest[: cfg.data.num_train_pairs])
-    users = None if pairs is None else {
-        i: next((m["content"] for m in reversed(pairs[i].prompt) if m["role"] == "user"), "") for i in eval_indices}
-    return DataSplit(train_pools, eval_indices, len(held_out), list(groups), users)
+    users = prompts = None
+    if pairs is not None:
+        users = {i: next((m["content"] for m in reversed(pairs[i].prompt) if m["role"] == "user"), "")
+                 for i in eval_indices}
+        prompts = {i: json.dumps(pairs[i].prompt, sort_keys=True) for i in eval_indices}
+    return DataSplit(train_pools, eval_indices, len(held_out), list(groups), users, prompts)
 
 
 class BatchStream:
@@ -225,24 +232,10 @@ def build_data(
 ) -> tuple[PreferenceDataset, PreferenceCollator, DataSplit, list[BatchStream]]:
     """Load, tokenise and split the run's data; return (dataset, collator, split, per-rank batch streams)."""
     from raco_ds.data.loading import load_preference_data
-    from raco_ds.data.objectives import PRESETS as DATA_PRESETS
-    from raco_ds.data.objectives import get_preset, trl_spec
     from raco_ds.data.tokenization import TokenizationConfig, tokenize_preference_data
 
     dc = cfg.data
-    if dc.dataset in DATA_PRESETS:
-        spec = get_preset(dc.dataset, data_dir=dc.data_dir)
-    elif Path(dc.dataset).exists():
-        spec = trl_spec([dc.dataset])
-    else:
-        raise ConfigError(
-            f"data.dataset={dc.dataset!r} is neither a preset {sorted(DATA_PRESETS)} nor an existing file"
-        )
-    if list(spec.objective_names) != list(cfg.objectives.names):
-        raise ConfigError(
-            f"objectives.names={cfg.objectives.names} but data {dc.dataset!r} has objectives "
-            f"{list(spec.objective_names)}; pass --objectives {','.join(spec.objective_names)}"
-        )
+    spec = dc.spec(cfg.objectives.names)
     pairs = load_preference_data(spec, skip_invalid=True if dc.skip_invalid else None)  # None: the preset's own
     dataset = tokenize_preference_data(
         pairs, tokenizer, TokenizationConfig(max_length=dc.max_length, max_prompt_length=dc.max_prompt_length)

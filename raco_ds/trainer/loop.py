@@ -45,17 +45,11 @@ from raco_ds.preemption import OutputDirLock, PreemptionHandler
 from raco_ds.trainer.checkpoint import VerifiedCheckpoint, resume_point
 from raco_ds.trainer.config import TrainConfig, save_config
 from raco_ds.trainer.eval import PairScores
-from raco_ds.trainer.metrics import (
-    METRICS_FILE,
-    MetricsWriter,
-    append_jsonl,
-    eval_scalars,
-    open_metrics_writer,
-    truncate_jsonl,
-)
+from raco_ds.trainer.metrics import METRICS_FILE, append_jsonl, eval_scalars, truncate_jsonl
 from raco_ds.trainer.process import seed_everything, setup_distributed, setup_logging
 from raco_ds.trainer.result import RunResult, format_summary
 from raco_ds.trainer.step_record import SkipCounter, StepRecord, progress_text, step_scalars
+from raco_ds.trainer.trackers import MetricsWriter, open_trackers
 
 __all__ = ["Run", "train", "train_step"]
 
@@ -290,8 +284,8 @@ def _save(run: Run) -> None:
 
 
 def _open_logs(run: Run) -> MetricsWriter:
-    """The metrics writer; a resumed run's logs lose the steps a crashed run logged after its checkpoint."""
-    writer = open_metrics_writer(run.cfg, run.out, run.rank, run.step)
+    """The trackers' writer; a resumed run's logs lose the steps a crashed run logged after its checkpoint."""
+    writer = open_trackers(run.cfg, run.out, rank=run.rank, purge_step=run.step + 1 if run.step else None)
     if run.rank == 0:
         truncate_jsonl(run.out / METRICS_FILE, run.step)
         writer.text("config", "```\n" + (run.out / "config.yaml").read_text() + "\n```")

@@ -1,12 +1,10 @@
-"""Where numbers go: TensorBoard and ``metrics.jsonl`` in the run folder, written by rank 0 only.
+"""What the trainer logs: the scalars of a step, under the tag names in :data:`TAGS`, and ``metrics.jsonl``.
 
-:class:`MetricsWriter` is the one processor every scalar passes through
-(torchtitan's rule): other ranks get a writer that drops everything, so no
-call site ever checks the rank; :func:`open_metrics_writer` is where the
-trainer creates it. Tag names are listed in :data:`TAGS` so that tests and
-dashboards agree on them. ``metrics.jsonl`` holds one line per step
-(:func:`append_jsonl`); a resumed run first drops the lines a crashed run
-logged after its last checkpoint (:func:`truncate_jsonl`).
+Tag names are listed in :data:`TAGS` so that tests and dashboards agree on them;
+:mod:`raco_ds.trainer.trackers` sends them to TensorBoard and/or wandb. The run
+folder's ``metrics.jsonl`` holds one line per step (:func:`append_jsonl`); a
+resumed run first drops the lines a crashed run logged after its last
+checkpoint (:func:`truncate_jsonl`).
 """
 
 from __future__ import annotations
@@ -22,19 +20,8 @@ from typing import Any
 import torch
 
 from raco_ds.diskcache import atomic_file
-from raco_ds.trainer.config import TrainConfig
 
-__all__ = [
-    "METRICS_FILE",
-    "TAGS",
-    "MetricsWriter",
-    "append_jsonl",
-    "eval_scalars",
-    "memory_scalars",
-    "open_metrics_writer",
-    "raco_scalars",
-    "truncate_jsonl",
-]
+__all__ = ["METRICS_FILE", "TAGS", "append_jsonl", "eval_scalars", "memory_scalars", "raco_scalars", "truncate_jsonl"]
 
 METRICS_FILE = "metrics.jsonl"
 """The per-step scalars, one JSON object per line, in the run folder."""
@@ -117,55 +104,13 @@ def raco_scalars(stats, names: Sequence[str]) -> dict[str, float]:
 
 
 def eval_scalars(result: Mapping[str, Sequence[float]], names: Sequence[str]) -> dict[str, float]:
-    """TensorBoard scalars of held-out metrics ``{metric: [value per objective]}`` (pair counts left out)."""
+    """Tagged scalars of held-out metrics ``{metric: [value per objective]}`` (pair counts left out)."""
     return {
         TAGS["eval"].format(metric=metric, objective=name): value
         for metric, values in result.items()
         if metric != "num_pairs"
         for name, value in zip(names, values)
     }
-
-
-class MetricsWriter:
-    """Scalars to TensorBoard under ``<log_dir>``; a no-op on every rank but 0 (or when disabled)."""
-
-    def __init__(self, log_dir: str | Path, *, enabled: bool, rank: int, purge_step: int | None = None) -> None:
-        """``purge_step``: on resume, drop events at or after this step that a crashed run left behind."""
-        self.active = enabled and rank == 0
-        self._writer = None
-        if self.active:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(log_dir), purge_step=purge_step)
-
-    def scalars(self, values: Mapping[str, float], step: int) -> None:
-        """Write ``{tag: value}`` at ``step`` (NaN values, e.g. an objective with no pairs, are written too)."""
-        if self._writer is None:
-            return
-        for tag, value in values.items():
-            self._writer.add_scalar(tag, float(value), step)
-
-    def text(self, tag: str, text: str, step: int = 0) -> None:
-        """Write a text note (the resolved config, the capture mode, ...)."""
-        if self._writer is not None:
-            self._writer.add_text(tag, text, step)
-
-    def flush(self) -> None:
-        """Push pending events to disk."""
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        """Flush and close the event file."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-
-def open_metrics_writer(cfg: TrainConfig, out: Path, rank: int, step: int) -> MetricsWriter:
-    """The run's writer, under ``<out>/tensorboard``; a run resumed at ``step`` drops the events logged after it."""
-    return MetricsWriter(out / "tensorboard", enabled=cfg.logging.tensorboard, rank=rank,
-                         purge_step=step + 1 if step else None)  # fmt: skip
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
