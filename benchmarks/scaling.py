@@ -58,15 +58,15 @@ LOCAL = ("capture", "gram", "write")
 
 @contextlib.contextmanager
 def hook_cpu_clock() -> Iterator[None]:
-    """Time the hook's parts (in raco_ds.deepspeed.hook) with the thread's CPU clock inside the block."""
-    import raco_ds.deepspeed.hook as hook_module
+    """Time the hook's parts (timed in raco_ds.step, the step core) with the thread's CPU clock inside the block."""
+    import raco_ds.step as step_module
 
-    original = hook_module.time
-    hook_module.time = types.SimpleNamespace(perf_counter=time.thread_time)
+    original = step_module.time
+    step_module.time = types.SimpleNamespace(perf_counter=time.thread_time)
     try:
         yield
     finally:
-        hook_module.time = original
+        step_module.time = original
 
 
 def _body(rank: int, world: int, counter: Any, args: Any, spec: Any) -> list[dict[str, Any]]:

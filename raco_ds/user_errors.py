@@ -20,7 +20,7 @@ from raco_ds.step_stats import NonFiniteGradientError
 from raco_ds.trainer.checkpoint import CheckpointError
 from raco_ds.trainer.config import ConfigError
 from raco_ds.trainer.export import ExportError
-from raco_ds.trainer.loop import TooManySkippedSteps
+from raco_ds.trainer.step_record import TooManySkippedSteps
 
 __all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "user_error_line"]
 

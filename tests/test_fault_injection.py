@@ -199,7 +199,7 @@ def _reseal(folder: Path) -> None:
 
 
 def test_planted_pickles_are_refused_and_never_run(uninterrupted, tmp_path):
-    from raco_ds.trainer.reference_cache import load_reference
+    from raco_ds.trainer.reference import load_reference
 
     marker = tmp_path / "pwned"
     newest = uninterrupted / "checkpoints" / "step_00000006"

@@ -31,7 +31,7 @@ def _texts(pair) -> tuple[str, set[str]]:
     ["--preset", "tiny", "--data", "hh_rlhf", "--data.num_eval_pairs", "30", "--data.num_train_pairs", "null"],
 ], ids=["helpsteer-derived-pairs", "pku-shared-pairs", "hh-per-objective"])
 def test_no_heldout_prompt_or_response_text_in_training(argv, tokenizer, caplog):
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     cfg = parse_args(argv)
     pairs = load_preference_data(get_preset(cfg.data.dataset)).pairs
@@ -54,7 +54,7 @@ def test_no_heldout_prompt_or_response_text_in_training(argv, tokenizer, caplog)
 
 def test_helpsteer_split_keeps_every_prompt_on_one_side(tokenizer):
     """The flaw the split fixes: HelpSteer's derived pairs share prompts (139 prompts, 510 pairs)."""
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     cfg = parse_args([*HELPSTEER, "--data.num_eval_pairs", "40", "--data.num_train_pairs", "null"])
     pairs = load_preference_data(get_preset("helpsteer")).pairs
@@ -67,7 +67,7 @@ def test_helpsteer_split_keeps_every_prompt_on_one_side(tokenizer):
 
 
 def test_split_is_shared_by_training_seeds_and_world_sizes(tokenizer):
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     base = [*HELPSTEER, "--data.num_eval_pairs", "40"]
     _, _, a, _ = build_data(parse_args([*base, "--seed", "0"]), tokenizer, rank=0, world=1)
@@ -78,7 +78,7 @@ def test_split_is_shared_by_training_seeds_and_world_sizes(tokenizer):
 
 
 def test_rejects_a_split_that_leaves_nothing_to_train(tokenizer):
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     cfg = parse_args([*HELPSTEER, "--data.num_eval_pairs", "510"])
     with pytest.raises(ConfigError, match="whole prompt groups"):
@@ -88,7 +88,7 @@ def test_rejects_a_split_that_leaves_nothing_to_train(tokenizer):
 def test_generation_answers_each_heldout_prompt_once_however_truncation_rendered_it(tokenizer):
     """A prompt kept whole in one pair and cut in another (short max_prompt_length) is one prompt."""
     from raco_ds.pareto.evaluate import _held_out_prompts, _Split
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     cfg = parse_args([*HELPSTEER, "--data.num_eval_pairs", "64", "--data.num_train_pairs", "null",
                       "--data.max_length", "96", "--data.max_prompt_length", "24"])

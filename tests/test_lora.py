@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 def _lora(model: torch.nn.Module, blocks: int = -1, **options) -> torch.nn.Module:
     """``model`` with adapters via the trainer's path, LoRA B made nonzero (a trained adapter) by seed."""
     from raco_ds.lora import add_lora
-    from raco_ds.trainer.loop import last_blocks
+    from raco_ds.trainer.model import last_blocks
 
     wrapped = add_lora(model, LoraAdapterConfig(r=4, **options), last_blocks(model, blocks), base_name="tiny")
     gen = torch.Generator().manual_seed(7)
@@ -52,7 +52,7 @@ def test_rejects_bad_lora_options(argv, message):
 
 
 def test_only_adapters_train_and_last_blocks_choose_where():
-    from raco_ds.trainer.loop import freeze_bottom
+    from raco_ds.trainer.model import freeze_bottom
 
     model = _lora(tiny_model("llama"), blocks=1)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -91,7 +91,7 @@ def test_onepass_refuses_dora_magnitude_by_name():
 def test_reference_is_the_base_model():
     """Initial adapters (B = 0) compute the base model exactly; adapters_disabled gives the base after training."""
     from raco_ds.lora import adapters_disabled, add_lora
-    from raco_ds.trainer.loop import last_blocks
+    from raco_ds.trainer.model import last_blocks
 
     ids = batch(3)["input_ids"]
     base = tiny_model("llama").eval()

@@ -1,4 +1,4 @@
-"""response_logps and the reference log-probs: cache, rank split, frozen reference."""
+"""response_logps and the reference log-probs: scoring, the run folder's cache, rank split, ZeRO-3."""
 
 from __future__ import annotations
 
@@ -7,22 +7,15 @@ import os
 import pytest
 import torch
 
-import raco_ds.data.reference as reference_module
-from raco_ds.data import (
-    FrozenReference,
-    PreferenceCollator,
-    PreferenceData,
-    TokenizationConfig,
-    compute_reference_logps,
-    get_preset,
-    load_preference_data,
-    precompute_reference_logps,
-    reference_cache_key,
-    reference_logps_of_batch,
-    tokenize_preference_data,
-)
+import raco_ds.trainer.reference as reference_module
+from raco_ds.data import PreferenceCollator, PreferenceData, TokenizationConfig, get_preset, load_preference_data
+from raco_ds.data import tokenize_preference_data
 from raco_ds.logprobs import response_logps
-from raco_ds.models import load_model, load_tokenizer, model_identity
+from raco_ds.models import load_model, load_tokenizer
+from raco_ds.trainer import ConfigError, parse_args
+from raco_ds.trainer.data import DataSplit
+from raco_ds.trainer.eval import PlainEngine, score_pairs
+from raco_ds.trainer.reference import REFERENCE_FILE, initial_reference
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,114 +64,98 @@ def tiny():
     return load_model("tiny"), load_tokenizer("tiny")
 
 
+def _first_pairs(tokenizer, count: int):
+    data = load_preference_data(get_preset("pku_saferlhf"))
+    data = PreferenceData(data.spec, data.pairs[:count], fingerprint=f"{data.fingerprint}:first{count}")
+    return tokenize_preference_data(data, tokenizer, TokenizationConfig(max_length=64))
+
+
 @pytest.fixture(scope="module")
 def small_dataset(tiny):
-    data = load_preference_data(get_preset("pku_saferlhf"))
-    data = PreferenceData(data.spec, data.pairs[:11], fingerprint=data.fingerprint + ":first11")
-    return tokenize_preference_data(data, tiny[1], TokenizationConfig(max_length=64))
+    return _first_pairs(tiny[1], 11)
 
 
 def _direct(model, dataset):
-    """Reference log-probs of every pair from one plain forward over one batch."""
+    """Reference log-probs of every pair from one plain forward over one batch, (N, 2) float64."""
     batch = PreferenceCollator(dataset.pad_token_id, dataset.num_objectives)([dataset[i] for i in range(len(dataset))])
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     rows = response_logps(logits, batch.input_ids, batch.response_mask)[0]
-    return torch.stack([rows[: batch.num_pairs], rows[batch.num_pairs :]], dim=1)
+    return torch.stack([rows[: batch.num_pairs], rows[batch.num_pairs :]], dim=1).double()
 
 
-def test_cached_reference_equals_a_direct_forward(tiny, small_dataset, tmp_path, monkeypatch):
+def _reference(model, dataset, out, *, resumed=False, dtype="fp32", loss="dpo"):
+    cfg = parse_args(["--preset", "tiny", "--model.dtype", dtype, "--loss", loss, "--logging.eval_batch_size", "4"])
+    split = DataSplit(train_pools=[[0, 2, 4, 6, 8, 10]], eval_indices=[1, 3, 5])
+    collator = PreferenceCollator(dataset.pad_token_id, dataset.num_objectives)
+    return initial_reference(PlainEngine(model), dataset, collator, split, cfg, out, rank=0, resumed=resumed)
+
+
+def test_reference_scores_every_used_pair_like_a_direct_forward(tiny, small_dataset, tmp_path):
     model, _ = tiny
-    identity = model_identity("tiny")
-    table = precompute_reference_logps(model, small_dataset, identity, batch_size=4, cache_dir=tmp_path)
-    torch.testing.assert_close(table, _direct(model, small_dataset).float(), rtol=1e-5, atol=1e-4)
-    assert [p.name for p in tmp_path.iterdir()] == [f"{reference_cache_key(identity, small_dataset)}.pt"]
-
-    def must_not_compute(*args, **kwargs):
-        raise AssertionError("the cache should have been used")
-
-    monkeypatch.setattr(reference_module, "compute_reference_logps", must_not_compute)
-    again = precompute_reference_logps(model, small_dataset, identity, cache_dir=tmp_path)
-    assert torch.equal(again, table)
-    # a different model identity is a different entry (so it is computed, here: refused)
-    with pytest.raises(AssertionError, match="cache should have been used"):
-        precompute_reference_logps(model, small_dataset, identity + "x", cache_dir=tmp_path)
+    scores = _reference(model, small_dataset, tmp_path)
+    used = [0, 1, 2, 3, 4, 5, 6, 8, 10]
+    torch.testing.assert_close(scores.logps[used], _direct(model, small_dataset)[used], rtol=1e-5, atol=1e-4)
+    assert scores.logps[[7, 9]].isnan().all()  # pairs the run never uses are not scored
+    assert [p.name for p in tmp_path.iterdir()] == [REFERENCE_FILE]
+    # Reference-free losses score only the held-out pairs (for the evaluation)
+    (tmp_path / "simpo").mkdir()
+    simpo = _reference(model, small_dataset, tmp_path / "simpo", loss="simpo")
+    assert (~simpo.logps[:, 0].isnan()).nonzero().flatten().tolist() == [1, 3, 5]
 
 
-def test_corrupt_cache_entry_is_recomputed(tiny, small_dataset, tmp_path):
+def test_the_saved_reference_is_reused_and_refused_for_another_model(tiny, small_dataset, tmp_path, monkeypatch):
     model, _ = tiny
-    path = tmp_path / f"{reference_cache_key('id', small_dataset)}.pt"
-    path.write_bytes(b"not a tensor")
-    table = precompute_reference_logps(model, small_dataset, "id", batch_size=8, cache_dir=tmp_path)
-    assert torch.isfinite(table).all() and torch.equal(torch.load(path), table)
+    first = _reference(model, small_dataset, tmp_path)
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("the saved reference should have been used")
+
+    monkeypatch.setattr(reference_module, "score_pairs", must_not_score)
+    again = _reference(model, small_dataset, tmp_path)
+    torch.testing.assert_close(again.logps, first.logps, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(again.lengths, first.lengths)
+    # Another model's file (here: another dtype): a resumed run stops, a fresh one recomputes.
+    with pytest.raises(ConfigError, match="a resumed run must keep --model"):
+        _reference(model, small_dataset, tmp_path, resumed=True, dtype="bf16")
+    with pytest.raises(AssertionError, match="should have been used"):
+        _reference(model, small_dataset, tmp_path, dtype="bf16")
 
 
-def test_simulated_ranks_split_the_work_and_merge_to_the_full_table(tiny, small_dataset):
+def test_a_damaged_reference_file_is_recomputed(tiny, small_dataset, tmp_path):
     model, _ = tiny
-    full = compute_reference_logps(model, small_dataset, batch_size=4)
-    shares = [compute_reference_logps(model, small_dataset, batch_size=2, rank=r, world_size=2) for r in range(2)]
-    owned = [~torch.isnan(s[:, 0]) for s in shares]
-    assert (
-        owned[0].sum() == 6 and owned[1].sum() == 5 and not (owned[0] & owned[1]).any() and (owned[0] | owned[1]).all()
-    )
-    merged = torch.where(owned[0][:, None], shares[0], shares[1])
-    torch.testing.assert_close(merged, full, rtol=1e-5, atol=1e-4)
+    first = _reference(model, small_dataset, tmp_path)
+    (tmp_path / REFERENCE_FILE).write_bytes(b"not safetensors")
+    again = _reference(model, small_dataset, tmp_path, resumed=True)
+    torch.testing.assert_close(again.logps, first.logps, rtol=0, atol=0, equal_nan=True)
+    reread = _reference(model, small_dataset, tmp_path)  # the recomputed file is intact
+    torch.testing.assert_close(reread.logps, again.logps, rtol=0, atol=0, equal_nan=True)
 
 
-def test_frozen_reference_fills_batches(tiny, small_dataset):
-    model, _ = tiny
-    table = compute_reference_logps(model, small_dataset, batch_size=4)
-    frozen = FrozenReference(load_model("tiny"))
-    assert not any(p.requires_grad for p in frozen.model.parameters())
-    batch = PreferenceCollator(small_dataset.pad_token_id, 2)([small_dataset[3], small_dataset[7]])
-    filled = frozen.fill(batch).reference_logps
-    torch.testing.assert_close(filled, torch.cat([table[[3, 7], 0], table[[3, 7], 1]]), rtol=1e-5, atol=1e-4)
-
-
-def _two_rank_body(rank: int, world_size: int, cache_dir: str) -> torch.Tensor:
-    import torch as _torch
-
-    model, tokenizer = load_model("tiny"), load_tokenizer("tiny")
-    data = load_preference_data(get_preset("pku_saferlhf"))
-    data = PreferenceData(data.spec, data.pairs[:11], fingerprint=data.fingerprint + ":first11")
-    dataset = tokenize_preference_data(data, tokenizer, TokenizationConfig(max_length=64))
-    table = precompute_reference_logps(model, dataset, model_identity("tiny"), batch_size=2, cache_dir=cache_dir)
-    assert _torch.isfinite(table).all()
-    return table
-
-
-@pytest.mark.slow
-def test_two_gloo_ranks_compute_share_gather_and_cache(tiny, small_dataset, tmp_path):
-    from multirank import run_ranks
-
-    tables = run_ranks(_two_rank_body, 2, str(tmp_path))
-    torch.testing.assert_close(tables[0], tables[1], rtol=0, atol=0)
-    torch.testing.assert_close(tables[0], _direct(tiny[0], small_dataset).float(), rtol=1e-5, atol=1e-4)
-    assert len(list(tmp_path.glob("*.pt"))) == 1
-
-
-def _engine_body(rank: int, world_size: int) -> torch.Tensor:
-    from raco_ds.data import build_reference_engine
+def _two_rank_body(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    import deepspeed
 
     tokenizer = load_tokenizer("tiny")
-    data = load_preference_data(get_preset("pku_saferlhf"))
-    data = PreferenceData(data.spec, data.pairs[:4], fingerprint="first4")
-    dataset = tokenize_preference_data(data, tokenizer, TokenizationConfig(max_length=48))
-    reference = build_reference_engine(load_model("tiny"), {"train_micro_batch_size_per_gpu": 2})
-    batch = PreferenceCollator(dataset.pad_token_id, 2)([dataset[0], dataset[1 + rank]])
-    return reference(batch)
+    dataset = _first_pairs(tokenizer, 11)
+    collator = PreferenceCollator(dataset.pad_token_id, dataset.num_objectives)
+    # 5 pairs in batches of 2: rank 0 runs two batches, rank 1 one and a padding forward (ZeRO-3's collectives)
+    indices = [0, 3, 4, 7, 10]
+    plain = score_pairs(PlainEngine(load_model("tiny")), dataset, range(len(dataset)), 2, collator)
+    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}
+    engine, *_ = deepspeed.initialize(model=load_model("tiny").requires_grad_(False), config=config)
+    zero3 = score_pairs(engine, dataset, indices, 2, collator)
+    return {"plain": plain.logps, "zero3": zero3.logps, "lengths": zero3.lengths}
 
 
 @pytest.mark.slow
-def test_zero3_reference_engine_matches_the_plain_model(tiny, small_dataset):
+def test_two_gloo_ranks_score_each_pair_once_plain_and_under_zero3(tiny, small_dataset):
     from multirank import run_ranks
 
-    rows = run_ranks(_engine_body, 2)
-    model, tokenizer = tiny
-    data = load_preference_data(get_preset("pku_saferlhf"))
-    dataset = tokenize_preference_data(
-        PreferenceData(data.spec, data.pairs[:4], fingerprint="first4"), tokenizer, TokenizationConfig(max_length=48)
-    )
-    for rank, got in enumerate(rows):
-        batch = PreferenceCollator(dataset.pad_token_id, 2)([dataset[0], dataset[1 + rank]])
-        torch.testing.assert_close(got, reference_logps_of_batch(model, batch), rtol=1e-5, atol=1e-4)
+    results = run_ranks(_two_rank_body, 2)
+    direct = _direct(tiny[0], small_dataset)
+    for got in results:  # every rank ends with the full table
+        torch.testing.assert_close(got["plain"], results[0]["plain"], rtol=0, atol=0)
+        torch.testing.assert_close(got["plain"], direct, rtol=1e-5, atol=1e-4)
+        scored = [0, 3, 4, 7, 10]
+        torch.testing.assert_close(got["zero3"][scored], direct[scored], rtol=1e-5, atol=1e-4)
+        assert got["zero3"][[1, 2, 5, 6, 8, 9]].isnan().all() and (got["lengths"][scored] > 0).all()

@@ -183,7 +183,7 @@ def tiny_data():
 
 
 def test_split_is_seeded_and_disjoint(tiny_data):
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     cfg, tokenizer = tiny_data
     _, _, split, _ = build_data(cfg, tokenizer, rank=0, world=1)
@@ -194,7 +194,7 @@ def test_split_is_seeded_and_disjoint(tiny_data):
 
 
 def test_stream_resumes_at_the_same_pair(tiny_data):
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     cfg, tokenizer = tiny_data
     _, _, _, (stream,) = build_data(cfg, tokenizer, rank=1, world=2)
@@ -210,7 +210,7 @@ def test_stream_resumes_at_the_same_pair(tiny_data):
 
 
 def test_rejects_too_little_data(tiny_data):
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     _, tokenizer = tiny_data
     bad = parse_args(["--preset", "tiny", "--data.num_eval_pairs", "400"])
@@ -222,7 +222,7 @@ def test_rejects_too_little_data(tiny_data):
 
 
 def test_rejects_objectives_the_data_does_not_have(tiny_data):
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     _, tokenizer = tiny_data
     bad = parse_args(["--preset", "tiny", "--objectives", "helpful,honest"])
@@ -236,7 +236,7 @@ def test_rejects_objectives_the_data_does_not_have(tiny_data):
 
 def test_evaluate_metrics_from_scores(tiny_data):
     from raco_ds.trainer.eval import PairScores, evaluate
-    from raco_ds.trainer.loop import build_data
+    from raco_ds.trainer.data import build_data
 
     cfg, tokenizer = tiny_data
     dataset, _, split, _ = build_data(cfg, tokenizer, rank=0, world=1)
@@ -257,7 +257,7 @@ def test_evaluate_metrics_from_scores(tiny_data):
 
 def test_freeze_bottom_trains_only_the_last_blocks():
     from raco_ds.models import load_model
-    from raco_ds.trainer.loop import freeze_bottom
+    from raco_ds.trainer.model import freeze_bottom
 
     model = load_model("tiny")
     trainable, total = freeze_bottom(model, parse_args(["--preset", "tiny", "--model.trainable_last_blocks", "1"]))

@@ -50,7 +50,8 @@ def test_injected_nan_skips_the_step_on_every_rank_for_both_captures_and_data_sh
 
 
 def _stops_after_limit(rank: int, world: int, root: str) -> str:
-    from raco_ds.trainer.loop import TooManySkippedSteps, train
+    from raco_ds.trainer.loop import train
+    from raco_ds.trainer.step_record import TooManySkippedSteps
 
     cfg = _config(root, "onepass", "pku_saferlhf", "--raco.max_consecutive_skips", "1",
                   "--checkpointing.save_every", "1")  # fmt: skip

@@ -2,7 +2,8 @@
 # HelpSteer helpfulness vs concise on the packaged SmolLM2-135M: RACO vs linear vs CAGrad,
 # 5 weights x 2 seeds, then held-out pair metrics and judged generations with 95% intervals.
 # Restartable: finished points are skipped, evaluations are cached (benchmarks/quality/README.md).
-# On the shared 2-core VM a point took 10-22 min; on an idle one expect ~4-5 min (30 points: ~2.5 h).
+# Measured on the 2-core CPU VM (2026-12-05) with the CPU to itself: a point trains in 2-2.5 min and
+# evaluates in ~45 s (30 points: ~1.5 h); other jobs on the machine slow it several-fold.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-outputs/quality/helpsteer}

@@ -1,4 +1,4 @@
-"""Preference data: objectives spec, loaders, tokenisation, batches, sampling and reference log-probs.
+"""Preference data: objectives spec, loaders, tokenisation, batches and sampling.
 
 Typical use::
 
@@ -6,10 +6,13 @@ Typical use::
                                                          # get_preset("PKU-Alignment/PKU-SafeRLHF") (the Hub)
     data = load_preference_data(spec)                    # validated pairs, labels per objective
     dataset = tokenize_preference_data(data, tokenizer, TokenizationConfig(max_length=512))
-    reference = precompute_reference_logps(model, dataset, model_identity("smollm2-135m"))
     sampler = DistributedPairSampler(len(dataset), world_size=W, rank=r, seed=0, batch_size=4)
     loader = DataLoader(dataset, batch_size=4, sampler=sampler,
-                        collate_fn=PreferenceCollator(dataset.pad_token_id, dataset.num_objectives, reference))
+                        collate_fn=PreferenceCollator(dataset.pad_token_id, dataset.num_objectives))
+
+The reference log-probs of the initial model come from the trainer
+(raco_ds.trainer.reference), which scores the run's pairs once and keeps them
+in the run folder.
 """
 
 from raco_ds.data.batch import PreferenceBatch, PreferenceCollator
@@ -27,14 +30,6 @@ from raco_ds.data.objectives import (
     trl_spec,
 )
 from raco_ds.data.records import DataError, InvalidRowError, Message, PreferencePair, RowRef, SkipLog
-from raco_ds.data.reference import (
-    FrozenReference,
-    build_reference_engine,
-    compute_reference_logps,
-    precompute_reference_logps,
-    reference_cache_key,
-    reference_logps_of_batch,
-)
 from raco_ds.data.sampler import DistributedPairSampler
 from raco_ds.data.tokenization import (
     PreferenceDataset,
@@ -50,7 +45,6 @@ __all__ = [
     "DataError",
     "DatasetSpec",
     "DistributedPairSampler",
-    "FrozenReference",
     "HubSource",
     "InvalidRowError",
     "Message",
@@ -65,16 +59,11 @@ __all__ = [
     "SkipLog",
     "TokenizationConfig",
     "TokenizedPair",
-    "build_reference_engine",
     "bundled_data_dir",
-    "compute_reference_logps",
     "content_hash",
     "get_preset",
     "load_preference_data",
     "parse_hh_transcript",
-    "precompute_reference_logps",
-    "reference_cache_key",
-    "reference_logps_of_batch",
     "render_pair",
     "resolve_dataset",
     "select_objectives",

@@ -81,25 +81,6 @@ def _init_distributed(cfg: MegatronTrainConfig) -> None:
         model_parallel_cuda_manual_seed(cfg.optimisation.seed)
 
 
-def _resume_point(cfg: MegatronTrainConfig, root: Path, world: int) -> Any:
-    """The verified checkpoint to continue from, or None; refused now, before any model is built."""
-    from raco_ds.trainer import checkpoint as ckpt
-
-    if ckpt.find_latest(root) is None:
-        return None
-    if not cfg.checkpointing.resume:
-        raise ConfigError(
-            f"{root.parent} already holds checkpoints; pass --resume to continue that run, or a new --output-dir"
-        )
-    latest = ckpt.find_resumable(root, strict=cfg.checkpointing.resume == "strict")
-    for damage in latest.damaged:
-        logger.warning("%s; resuming from the newest intact checkpoint %s", damage, latest.folder.name)
-    names, weights = list(cfg.objectives.names), cfg.objectives.weights
-    for note in ckpt.check_compatible(latest.state, latest.folder, names, world, weights, cfg.raco.aggregator):
-        logger.warning(note)
-    return latest
-
-
 # ---------------------------------------------------------------------------
 # Phase 1: build.
 
@@ -289,16 +270,17 @@ def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float
     from raco_ds.models import load_tokenizer
     from raco_ds.preemption import OutputDirLock, PreemptionHandler
     from raco_ds.tiny_models import train_tiny_tokenizer
-    from raco_ds.trainer.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+    from raco_ds.trainer.checkpoint import TrainerState, load_checkpoint, resume_point, save_checkpoint
+    from raco_ds.trainer.data import build_data
     from raco_ds.trainer.eval import evaluate
-    from raco_ds.trainer.loop import RunResult, build_data, format_summary
+    from raco_ds.trainer.result import RunResult, format_summary
 
     # -- 0. setup ---------------------------------------------------------------------------------
     _init_distributed(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(cfg.checkpointing.output_dir)
     ckpt_root, metrics_file = out / "checkpoints", out / "metrics.jsonl"
-    latest = _resume_point(cfg, ckpt_root, world)
+    latest = resume_point(cfg, ckpt_root, world)
     lock = OutputDirLock(out).acquire() if rank == 0 else None
     own_stopper = stopper is None
     stopper = PreemptionHandler().install() if own_stopper else stopper

@@ -173,26 +173,6 @@ def resolve_run(path: str | Path) -> tuple[Path, Path | None]:
     return path, None
 
 
-class _PlainEngine:
-    """The few engine attributes raco_ds.trainer.eval.score_pairs uses, over a plain HF model."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.module = model
-        self.device = next(model.parameters()).device
-
-    def __call__(self, **inputs: Any) -> Any:
-        return self.module(**inputs)
-
-    def eval(self) -> None:
-        self.module.eval()
-
-    def train(self, mode: bool = True) -> None:
-        self.module.train(mode)
-
-    def empty_partition_cache(self) -> None:
-        """Nothing is partitioned outside ZeRO-3."""
-
-
 @dataclass
 class _Split:
     dataset: Any
@@ -243,7 +223,14 @@ class HeldOutEvaluator:
         """
         from raco_ds.models import load_model
         from raco_ds.trainer.config import load_config, run_config_root
-        from raco_ds.trainer.eval import HELDOUT_SCORES_FILE, evaluate, heldout_items, load_heldout_scores, score_pairs
+        from raco_ds.trainer.eval import (
+            HELDOUT_SCORES_FILE,
+            PlainEngine,
+            evaluate,
+            heldout_items,
+            load_heldout_scores,
+            score_pairs,
+        )
 
         model_dir, config_path = resolve_run(model_path)
         if cfg is None:
@@ -263,7 +250,7 @@ class HeldOutEvaluator:
         if config_path is not None and model_dir == config_path.parent / "export":
             scores = load_heldout_scores(config_path.parent / HELDOUT_SCORES_FILE, held.dataset, indices)
         if scores is None:
-            scores = score_pairs(_PlainEngine(policy), held.dataset, indices, batch_size, held.collator)
+            scores = score_pairs(PlainEngine(policy), held.dataset, indices, batch_size, held.collator)
         loss_args = {"loss": cfg.loss.name, "beta": cfg.loss.beta}
         metrics = evaluate(scores, held.reference, held.dataset, indices, **loss_args, options=dict(cfg.loss.options))
         # KL proxy: the chosen response's log-ratio, i.e. DPO's chosen reward at beta = 1.
@@ -319,8 +306,8 @@ class HeldOutEvaluator:
     def _split(self, cfg: Any, reference: str) -> _Split:
         """The held-out pairs of ``cfg`` tokenised for ``reference``, with the reference's scores (cached)."""
         from raco_ds.models import load_model, load_tokenizer
-        from raco_ds.trainer.eval import score_pairs
-        from raco_ds.trainer.loop import build_data
+        from raco_ds.trainer.eval import PlainEngine, score_pairs
+        from raco_ds.trainer.data import build_data
 
         key = hashlib.sha256(json.dumps({
             "reference": reference, "dtype": cfg.model.dtype, "data": vars(cfg.data),
@@ -333,7 +320,7 @@ class HeldOutEvaluator:
         conflict = _conflict_pairs(dataset, split.eval_indices)
         model = load_model(reference, dtype=cfg.model.dtype).to(self.device)
         batch_size = self.batch_size or cfg.logging.eval_batch_size
-        scores = score_pairs(_PlainEngine(model), dataset, split.eval_indices, batch_size, collator)
+        scores = score_pairs(PlainEngine(model), dataset, split.eval_indices, batch_size, collator)
         del model
         logger.info("held-out split: %d pairs from %d prompt groups (%d with conflicting labels); reference %s scored",
                     len(split.eval_indices), split.num_eval_groups, len(conflict), reference)

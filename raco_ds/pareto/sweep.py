@@ -45,7 +45,7 @@ from raco_ds.pareto.metrics import non_dominated
 from raco_ds.pareto.plot import plot_sweep
 from raco_ds.pareto.statistics import MetricSpec, RunData, curve_roughness, sweep_statistics
 from raco_ds.trainer.config import ObjectivesConfig
-from raco_ds.trainer.reference_cache import REFERENCE_FILE
+from raco_ds.trainer.reference import REFERENCE_FILE
 
 __all__ = [
     "DONE_MARKER",
@@ -297,7 +297,7 @@ def _environment(cfg: SweepConfig) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     if cfg.train_command is None:
-        # A plain `python launchers/train.py` makes itself a world of one (trainer.loop.setup_distributed)
+        # A plain `python launchers/train.py` makes itself a world of one (trainer.process.setup_distributed)
         # unless it inherits a launcher's rank variables, e.g. from a sweep started inside a job step.
         for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(name, None)

@@ -31,6 +31,7 @@ partial folder and raises an error naming the path and the space needed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -43,7 +44,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from raco_ds.diskspace import DiskFullError, disk_full_error, is_disk_full
+from raco_ds.diskspace import disk_full_error, is_disk_full
+from raco_ds.trainer.config import ConfigError, TrainConfig
 from raco_ds.trainer.integrity import MANIFEST_NAME, build_manifest, find_damage, manifest_bytes, manifest_text
 
 __all__ = [
@@ -56,8 +58,11 @@ __all__ = [
     "find_resumable",
     "load_checkpoint",
     "read_trainer_state",
+    "resume_point",
     "save_checkpoint",
 ]
+
+logger = logging.getLogger("raco_ds.trainer")
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 COMPLETE = MANIFEST_NAME
@@ -370,3 +375,26 @@ def load_checkpoint(engine, checkpoint: VerifiedCheckpoint, objectives: list[str
     if hook is not None and hook_file.is_file() and hasattr(hook, "load_state_dict"):
         hook.load_state_dict(_load_tensors(hook_file))
     return state
+
+
+def resume_point(cfg: TrainConfig, root: Path, world: int) -> VerifiedCheckpoint | None:
+    """The verified checkpoint under ``root`` that this run continues from, or None (collective).
+
+    Called before minutes of model loading, so that a run that cannot continue is
+    refused at once: checkpoints without ``--resume``, or an incompatible one. It
+    is the newest intact checkpoint, passing over damaged ones (``--resume strict``
+    stops instead).
+    """
+    if find_latest(root) is None:
+        return None
+    if not cfg.checkpointing.resume:
+        raise ConfigError(
+            f"{root.parent} already holds checkpoints; pass --resume to continue that run, or a new --output-dir"
+        )
+    latest = find_resumable(root, strict=cfg.checkpointing.resume == "strict")
+    for damage in latest.damaged:
+        logger.warning("%s; resuming from the newest intact checkpoint %s", damage, latest.folder.name)
+    names, weights = list(cfg.objectives.names), cfg.objectives.weights
+    for note in check_compatible(latest.state, latest.folder, names, world, weights, cfg.raco.aggregator):
+        logger.warning(note)
+    return latest

@@ -13,6 +13,9 @@ in the same order, train (at most ``num_train_pairs``). Shared-pair data
 (PKU-SafeRLHF) has one pool; per-objective data (HH-RLHF) has one pool per
 objective and the counts apply per objective.
 
+Build. :func:`build_data` loads the configured data, tokenises it, splits it and
+opens this rank's streams.
+
 Streams. One :class:`BatchStream` per pool (so per-objective data has K). Each
 wraps raco_ds.data's :class:`DistributedPairSampler` (epoch-seeded permutation,
 rank r takes every world-th pair) and yields collated micro-batches of
@@ -38,7 +41,7 @@ from raco_ds.data.sampler import DistributedPairSampler
 from raco_ds.data.tokenization import PreferenceDataset
 from raco_ds.trainer.config import ConfigError, TrainConfig
 
-__all__ = ["BatchStream", "DataSplit", "leakage_groups", "split_pairs"]
+__all__ = ["BatchStream", "DataSplit", "build_data", "leakage_groups", "split_pairs"]
 
 
 @dataclass
@@ -222,3 +225,28 @@ class BatchStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position."""
         self.epoch, self.taken, self._iterator = int(state["epoch"]), int(state["taken"]), None
+
+
+def build_data(
+    cfg: TrainConfig, tokenizer: Any, rank: int, world: int
+) -> tuple[PreferenceDataset, PreferenceCollator, DataSplit, list[BatchStream]]:
+    """Load, tokenise and split the run's data; return (dataset, collator, split, per-rank batch streams)."""
+    from raco_ds.data.loading import load_preference_data
+    from raco_ds.data.tokenization import TokenizationConfig, tokenize_preference_data
+
+    dc = cfg.data
+    spec = dc.spec(cfg.objectives.names)
+    pairs = load_preference_data(spec, skip_invalid=True if dc.skip_invalid else None)  # None: the preset's own
+    dataset = tokenize_preference_data(
+        pairs, tokenizer, TokenizationConfig(max_length=dc.max_length, max_prompt_length=dc.max_prompt_length)
+    )
+    collator = PreferenceCollator(pad_token_id=dataset.pad_token_id, num_objectives=dataset.num_objectives,
+                                  padding_free=dc.padding_free)  # fmt: skip
+    split = split_pairs(dataset, cfg, pairs.pairs)
+    # One stream per pool, each with its own seed so objectives do not see their pairs in lockstep.
+    streams = [
+        BatchStream(dataset, pool, collator, micro_batch_size=cfg.optimisation.micro_batch_size, world_size=world,
+                    rank=rank, seed=cfg.optimisation.seed + 1000 * k, shuffle=dc.shuffle)
+        for k, pool in enumerate(split.train_pools)
+    ]  # fmt: skip
+    return dataset, collator, split, streams

@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,7 @@ __all__ = [
     "EVAL_METRICS",
     "HELDOUT_SCORES_FILE",
     "PairScores",
+    "PlainEngine",
     "evaluate",
     "format_intervals",
     "heldout_items",
@@ -61,6 +63,30 @@ class PairScores:
     """(N, 2) float64: column 0 = response A, column 1 = response B (NaN where not scored)."""
     lengths: torch.Tensor
     """(N, 2) long: response token counts."""
+
+
+class PlainEngine:
+    """The few DeepSpeed-engine attributes :func:`score_pairs` uses, over a plain model (no ZeRO)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        """Wrap ``model``; its first parameter's device is where batches go."""
+        self.module = model
+        self.device = next(model.parameters()).device
+
+    def __call__(self, **inputs: Any) -> Any:
+        """The model's forward."""
+        return self.module(**inputs)
+
+    def eval(self) -> None:
+        """Put the model in eval mode."""
+        self.module.eval()
+
+    def train(self, mode: bool = True) -> None:
+        """Put the model in train mode (``mode=False``: eval mode)."""
+        self.module.train(mode)
+
+    def empty_partition_cache(self) -> None:
+        """Nothing is partitioned outside ZeRO-3."""
 
 
 def policy_logps(engine, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,19 +1,30 @@
-"""What the trainer logs: the scalars of a step, under the tag names in :data:`TAGS`.
+"""What the trainer logs: the scalars of a step, under the tag names in :data:`TAGS`, and ``metrics.jsonl``.
 
 Tag names are listed in :data:`TAGS` so that tests and dashboards agree on them;
-:mod:`raco_ds.trainer.trackers` sends them to TensorBoard and/or wandb.
+:mod:`raco_ds.trainer.trackers` sends them to TensorBoard and/or wandb. The run
+folder's ``metrics.jsonl`` holds one line per step (:func:`append_jsonl`); a
+resumed run first drops the lines a crashed run logged after its last
+checkpoint (:func:`truncate_jsonl`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["TAGS", "memory_scalars", "raco_scalars"]
+from raco_ds.diskcache import atomic_file
+
+__all__ = ["METRICS_FILE", "TAGS", "append_jsonl", "eval_scalars", "memory_scalars", "raco_scalars", "truncate_jsonl"]
+
+METRICS_FILE = "metrics.jsonl"
+"""The per-step scalars, one JSON object per line, in the run folder."""
 
 TAGS = {
     "per_objective": ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward"),
@@ -90,3 +101,35 @@ def raco_scalars(stats, names: Sequence[str]) -> dict[str, float]:
     for part in ("capture", "gram", "allreduce", "solve", "write"):
         out[TAGS["hook_part_time"].format(part=part)] = float(getattr(stats, f"seconds_{part}"))
     return out
+
+
+def eval_scalars(result: Mapping[str, Sequence[float]], names: Sequence[str]) -> dict[str, float]:
+    """Tagged scalars of held-out metrics ``{metric: [value per objective]}`` (pair counts left out)."""
+    return {
+        TAGS["eval"].format(metric=metric, objective=name): value
+        for metric, values in result.items()
+        if metric != "num_pairs"
+        for name, value in zip(names, values)
+    }
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` to ``path`` as one JSON line."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _logged_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line torn by a crash mid-write
+        return None
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines logged after ``last_step`` (a crashed run may have logged steps it never checkpointed)."""
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= last_step]
+        with atomic_file(path) as tmp:  # a crash now must not cost the lines kept
+            tmp.write_text("".join(line + "\n" for line in kept))
