@@ -55,26 +55,15 @@ def main(argv: list[str]) -> int:
         return 2
 
     from raco_ds.trainer.loop import train
-    from raco_ds.user_errors import EXIT_USER_ERROR, user_error_line
+    from raco_ds.user_errors import run_reporting_user_errors
 
     try:
-        train(cfg, stopper=STOPPER)
-    except Exception as err:
-        line = user_error_line(err)
-        if line is None:
-            raise
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        print(line, file=sys.stderr)
-        return EXIT_USER_ERROR
+        return run_reporting_user_errors(lambda: train(cfg, stopper=STOPPER), debug=debug)
     finally:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

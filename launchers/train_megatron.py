@@ -59,28 +59,17 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from raco_ds.megatron.train import train
-    from raco_ds.user_errors import EXIT_USER_ERROR, user_error_line
+    from raco_ds.user_errors import run_reporting_user_errors
 
     logging.basicConfig(level=logging.WARNING, format="[%(asctime)s raco] %(message)s", datefmt="%H:%M:%S")
     try:
-        train(cfg, stopper=STOPPER)
-    except Exception as err:
-        line = user_error_line(err)
-        if line is None:
-            raise
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        print(line, file=sys.stderr)
-        return EXIT_USER_ERROR
+        return run_reporting_user_errors(lambda: train(cfg, stopper=STOPPER), debug=debug)
     finally:
         from megatron.core import parallel_state as ps
 
         ps.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ import torch, so launchers import this after their argument parsing.
 from __future__ import annotations
 
 import errno
+import sys
+import traceback
+from collections.abc import Callable
 
 from raco_ds.data.records import DataError
 from raco_ds.diskspace import DiskFullError
@@ -22,7 +25,7 @@ from raco_ds.trainer.config import ConfigError
 from raco_ds.trainer.export import ExportError
 from raco_ds.trainer.step_record import TooManySkippedSteps
 
-__all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "user_error_line"]
+__all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "run_reporting_user_errors", "user_error_line"]
 
 EXIT_USER_ERROR = 2
 """Exit status of a run stopped by a user error (argparse's convention for bad usage)."""
@@ -54,3 +57,19 @@ def user_error_line(error: BaseException) -> str | None:
         fix = _PATH_FIXES.get(error.errno, "check the path and its permissions")
         return f"error: {error.filename}: {error.strerror or error}; {fix}"
     return f"error: {error}"
+
+
+def run_reporting_user_errors(job: Callable[[], object], *, debug: bool = False) -> int:
+    """Run ``job``; a user error prints its one ``error:`` line (after its traceback when ``debug``)
+    and returns :data:`EXIT_USER_ERROR`, a bug propagates with its traceback; 0 when ``job`` returns."""
+    try:
+        job()
+    except Exception as err:
+        line = user_error_line(err)
+        if line is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(line, file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0

@@ -429,7 +429,6 @@ ALIASES: dict[str, str] = {
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 _CAPTURES = ("auto", "onepass", "k_pass")
 _DTYPES = ("fp32", "bf16")  # fp16 loss scaling would rescale each objective differently
-_NONFINITE = ("skip", "raise")
 
 
 # ---------------------------------------------------------------------------
@@ -439,6 +438,7 @@ _NONFINITE = ("skip", "raise")
 def _validate(cfg: TrainConfig) -> None:
     from raco_ds.losses import LOSSES  # here: this module imports no torch (configs parse before it loads)
     from raco_ds.solver import AGGREGATORS
+    from raco_ds.step import ON_NONFINITE
 
     names, weights = cfg.objectives.names, cfg.objectives.weights
     if not names:
@@ -465,7 +465,7 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"raco.c must be in [0, 1), got {cfg.raco.c}")
     for name, value, allowed in (
         ("raco.capture", cfg.raco.capture, _CAPTURES),
-        ("raco.on_nonfinite", cfg.raco.on_nonfinite, _NONFINITE),
+        ("raco.on_nonfinite", cfg.raco.on_nonfinite, ON_NONFINITE),
         ("model.dtype", cfg.model.dtype, _DTYPES),
     ):
         if value not in allowed:
