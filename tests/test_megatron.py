@@ -154,10 +154,11 @@ def _run_layout(tp: int, pp: int, distributed: bool, world: int) -> dict:
     torch.manual_seed(0)
     config = _config(tp, pp)
     model = _gpt(config, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
-    use_schedule = dp == 1
+    # A pipeline needs Megatron's schedule (whatever DP is); DP without PP goes through raco.backward.
+    use_schedule = pp > 1 or dp == 1
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=distributed, grad_reduce_in_fp32=True,
-        # dp2: several buckets and asynchronous reduction, through raco.backward.
+        # dp2 without a pipeline: several buckets and asynchronous reduction, through raco.backward.
         overlap_grad_reduce=not use_schedule, bucket_size=None if use_schedule else 600,
     )
     ddp = DistributedDataParallel(config, ddp_config, model)
@@ -195,7 +196,8 @@ def _run_layout(tp: int, pp: int, distributed: bool, world: int) -> dict:
     written = _owned_slices(raco, model)
     megatron_norm = float(optimizer.get_grad_norm())  # get_grad_norm_fp32 of the written-back grads
     stepped = _full_state(model)
-    nonfinite = _nonfinite_step(raco, ddp, model, dp_rank, stepped) if dp > 1 and distributed else {}
+    # The non-finite step calls the model directly, which a pipeline stage cannot do alone.
+    nonfinite = _nonfinite_step(raco, ddp, model, dp_rank, stepped) if dp > 1 and distributed and pp == 1 else {}
     owned_numel = sum(s.numel for sec in raco.shard_layout.sections for s in sec.segments)
     counted_numel = sum(sec.counted_numel for sec in raco.shard_layout.sections)
     ps.destroy_model_parallel()

@@ -1,12 +1,14 @@
-"""RacoMegatron under tensor x data parallelism together (TP=2 x DP=2, distributed optimizer) on 4 CPU ranks.
+"""RacoMegatron under two parallelisms together on 4 CPU ranks (distributed optimizer): TP=2 x DP=2, PP=2 x DP=2.
 
 The same layout runner and single-process oracle as tests/test_megatron.py
 (``_run_layout``: Gram, coefficients, every owned written slice, Megatron's
 gradient norm and the parameters after ``optimizer.step()`` against plain
 autograd with full gradients); here the distributed optimizer's shards are
-split over the data-parallel pair of each tensor-parallel rank, and the
-TP-duplicate filter and the DP reduction act in the same step. Four ranks on a
-2-core machine: tiny model, one layout, about a minute when the machine is idle.
+split over the data-parallel pair of each tensor-parallel rank (TP x DP: the
+TP-duplicate filter and the DP reduction act in the same step) or of each
+pipeline stage (PP x DP: Megatron's pipeline schedule per objective, the
+stages' DP pairs reducing their own gradients). Four ranks on a 2-core
+machine: tiny model, one layout each, about 10 s each when the machine is idle.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from multirank import run_ranks
 pytestmark = pytest.mark.slow
 
 
-def _body(rank: int, world: int) -> dict:
+def _body(rank: int, world: int, tp: int = 2, pp: int = 1) -> dict:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -29,7 +31,7 @@ def _body(rank: int, world: int) -> dict:
     megatron_shim.install()
     from test_megatron import _run_layout
 
-    return _run_layout(2, 1, True, world)
+    return _run_layout(tp, pp, True, world)
 
 
 def test_tensor_and_data_parallel_together_match_the_oracle() -> None:
@@ -46,3 +48,18 @@ def test_tensor_and_data_parallel_together_match_the_oracle() -> None:
     # and each pair splits its TP rank's shard between them.
     owned = [r["owned_numel"] for r in results]
     assert owned[0] + owned[2] == owned[1] + owned[3], owned
+
+
+def test_pipeline_and_data_parallel_together_match_the_oracle() -> None:
+    """PP=2 x DP=2: Megatron's 1F1B schedule per objective, the DP pair of each stage splitting its shard."""
+    results = run_ranks(_body, 4, 1, 2)
+    for rank, r in enumerate(results):
+        context = f"pp2 x dp2 rank {rank}: {r}"
+        assert not r["skipped"] and r["update_successful"], context
+        assert r["gram_rel"] < 1e-5 and r["coef_abs"] < 1e-5 and r["slice_rel"] < 1e-5, context
+        assert r["norm_step_rel"] < 1e-5 and r["norm_get_rel"] < 1e-5, context
+        assert r["param_names_match"] and r["moved_over_lr"] > 0.1 and r["param_abs_over_lr"] < 1e-4, context
+    assert len({tuple(r["coefficients"]) for r in results}) == 1  # every rank solved the same problem
+    # PP outside DP in Megatron's order: ranks 0/1 are stage 0's DP pair, 2/3 stage 1's.
+    owned = [r["owned_numel"] for r in results]
+    assert owned[0] + owned[1] > 0 and owned[2] + owned[3] > 0, owned

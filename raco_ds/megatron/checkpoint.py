@@ -44,6 +44,31 @@ LAYOUT_FILE = "megatron_layout.json"
 _OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
+def _zero_padding(node: Any) -> None:
+    """Zero the dp_reshardable buckets' padding slices in place, so that a checkpoint's bytes are reproducible.
+
+    megatron-core fills the gaps between parameters in a bucket (each parameter starts 64-aligned)
+    with ``torch.empty`` tensors marked ``padding``; saved as they are, two checkpoints of the same
+    state differed in exactly those slices (uninitialised memory) and so in their manifest hashes.
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor
+
+    if isinstance(node, dict):
+        padding = node.get("padding")
+        if isinstance(padding, LocalNonpersistentObject) and padding.unwrap() is True:
+            for value in node.values():
+                if isinstance(value, ShardedTensor):
+                    value.data.zero_()
+            return
+        children = node.values()
+    elif isinstance(node, (list, tuple)):
+        children = node
+    else:
+        return
+    for child in children:
+        _zero_padding(child)
+
+
 class MegatronCheckpointEngine:
     """The two checkpoint calls of a DeepSpeed engine, for a megatron-core model and optimizer.
 
@@ -60,6 +85,8 @@ class MegatronCheckpointEngine:
     def _sharded_state_dict(self, loading: bool) -> dict[str, Any]:
         model_state = self.module.sharded_state_dict()
         optimizer_state = self.optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=_OPTIMIZER_FORMAT)
+        if not loading:
+            _zero_padding(optimizer_state)
         return {"model": model_state, "optimizer": optimizer_state}
 
     def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
@@ -98,10 +125,20 @@ class MegatronCheckpointEngine:
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         for inner in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            for param_state in inner.optimizer.state.values():
-                if isinstance(param_state.get("step"), torch.Tensor):
-                    # megatron-core 0.16 (torch Adam, no TE/Apex) gives every parameter the SAME step
-                    # tensor; torch's Adam increments each parameter's step in place, so a shared one
-                    # would count every parameter at each step and change the bias correction.
-                    param_state["step"] = param_state["step"].clone()
+            for group in inner.optimizer.param_groups:
+                if group.get("step") is None:  # nothing saved to restore (no optimizer step yet)
+                    continue
+                for param in group["params"]:
+                    param_state = inner.optimizer.state.get(param, {})
+                    if isinstance(param_state.get("step"), torch.Tensor):
+                        # megatron-core 0.16 with torch's Adam (no TE/Apex) restores the step count wrong:
+                        # dp_reshardable keeps "step" as a LocalNonpersistentObject, so its loader copies
+                        # the placeholder state's step (1, from the dummy step above) over the saved one,
+                        # into ONE tensor shared by every parameter. The saved count is in the loaded
+                        # param group ("step", as the optimizer's state_dict() writes it); each parameter
+                        # gets its own tensor of it (Adam increments each in place; the bias correction
+                        # reads it). Measured on 2 ranks: params, exp_avg, exp_avg_sq loaded exactly,
+                        # step 1.0 instead of 2.0 after a step-2 checkpoint.
+                        param_state["step"] = torch.tensor(float(group["step"]), dtype=param_state["step"].dtype,
+                                                           device=param_state["step"].device)
         return str(folder), {}
