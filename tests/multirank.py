@@ -9,6 +9,7 @@ rank fails the test with that rank's traceback.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import pickle
 import socket
@@ -51,6 +52,10 @@ def _rank_entry(rank: int, world_size: int, port: int, out_dir: str, backend: st
     # Leave without interpreter teardown: DeepSpeed's extra process groups and background
     # threads can abort in C++ static destructors ("terminate called without an active
     # exception", seen intermittently on 2-core CI), after the body has already passed.
+    # os._exit also skips the shutdown of this rank's multiprocessing children (megatron's
+    # async checkpoint writer starts a Manager process): end them here, or they outlive the test.
+    for child in multiprocessing.active_children():
+        child.terminate()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
