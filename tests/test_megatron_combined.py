@@ -1,4 +1,4 @@
-"""RacoMegatron under two parallelisms together on 4 CPU ranks (distributed optimizer): TP=2 x DP=2, PP=2 x DP=2.
+"""RacoMegatron under two parallelisms together on 4 CPU ranks (distributed optimizer): TP=2 x DP=2, PP=2 x DP=2, TP=2 x PP=2.
 
 The same layout runner and single-process oracle as tests/test_megatron.py
 (``_run_layout``: Gram, coefficients, every owned written slice, Megatron's
@@ -63,3 +63,16 @@ def test_pipeline_and_data_parallel_together_match_the_oracle() -> None:
     # PP outside DP in Megatron's order: ranks 0/1 are stage 0's DP pair, 2/3 stage 1's.
     owned = [r["owned_numel"] for r in results]
     assert owned[0] + owned[1] > 0 and owned[2] + owned[3] > 0, owned
+
+
+def test_tensor_and_pipeline_parallel_together_match_the_oracle() -> None:
+    """TP=2 x PP=2 (DP=1): each stage's two TP ranks hold halves of that stage's shard."""
+    results = run_ranks(_body, 4, 2, 2)
+    for rank, r in enumerate(results):
+        context = f"tp2 x pp2 rank {rank}: {r}"
+        assert not r["skipped"] and r["update_successful"], context
+        assert r["gram_rel"] < 1e-5 and r["coef_abs"] < 1e-5 and r["slice_rel"] < 1e-5, context
+        assert r["norm_step_rel"] < 1e-5 and r["norm_get_rel"] < 1e-5, context
+        assert r["param_names_match"] and r["moved_over_lr"] > 0.1 and r["param_abs_over_lr"] < 1e-4, context
+    assert len({tuple(r["coefficients"]) for r in results}) == 1  # every rank solved the same problem
+    assert all(r["owned_numel"] > 0 for r in results), [r["owned_numel"] for r in results]
