@@ -49,8 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help=docs["weights"] + " Format: '0,1;0.5,0.5;1,0'.")
     p.add_argument("--grid-step", type=float, default=default.grid_step, help=docs["grid_step"])
     p.add_argument("--seeds", default=",".join(map(str, default.seeds)), help=docs["seeds"] + " Comma-separated.")
-    p.add_argument("--no-eval", dest="evaluate", action="store_false", help=docs["evaluate"])
-    p.add_argument("--eval-only", dest="train", action="store_false", help=docs["train"])
+    p.add_argument("--no-eval", dest="evaluate", action="store_false",
+                   help="Train only; a later call without --no-eval evaluates the trained points.")
+    p.add_argument("--eval-only", dest="train", action="store_false",
+                   help="Only evaluate the points already trained (e.g. a second process scoring finished points "
+                        "while the first one trains the rest).")
     p.add_argument("--train-command", default=None, help=docs["train_command"] + " One shell-quoted string.")
     p.add_argument("--max-attempts", type=int, default=default.max_attempts, help=docs["max_attempts"])
     p.add_argument("--timeout-s", type=float, default=None, help=docs["timeout_s"])

@@ -180,6 +180,34 @@ def test_eval_is_redone_when_a_point_is_retrained(fake):
     assert json.loads((folder / EVAL_FILE).read_text())["finished_at"] == json.loads((folder / DONE_MARKER).read_text())["finished_at"]
 
 
+def test_eval_is_redone_when_the_evaluation_settings_change(fake):
+    cfg = fake(aggregators=["raco"], weights=[[0.5, 0.5]])
+    evaluator = FakeEvaluator()
+    evaluator.settings = {"judges": ["length_tokens"], "num_prompts": 48}
+    run_sweep(cfg, evaluator)
+    run_sweep(cfg, evaluator)
+    assert evaluator.calls == 1  # same model, same settings: the cached eval.json
+    evaluator.settings = {"judges": ["length_tokens"], "num_prompts": 32}
+    run_sweep(cfg, evaluator)
+    assert evaluator.calls == 2
+    saved = json.loads((cfg.points()[0].folder(cfg.output_dir) / EVAL_FILE).read_text())
+    assert saved["settings"] == {"judges": ["length_tokens"], "num_prompts": 32}
+
+
+def test_held_out_evaluator_settings_name_every_generation_option():
+    from raco_ds.evaluation.generation import GenerationConfig
+    from raco_ds.pareto.evaluate import GenerationEval, HeldOutEvaluator
+
+    def settings(**generation):
+        return json.dumps(HeldOutEvaluator(generation=GenerationEval(**generation)).settings, sort_keys=True)
+
+    base = settings()
+    assert json.dumps(HeldOutEvaluator().settings) != base  # pairs only vs pairs and generations
+    for changed in ({"num_prompts": 8}, {"judges": ["implicit_reward"]}, {"config": GenerationConfig(max_new_tokens=7)},
+                    {"config": GenerationConfig(sample=True, seed=3)}):  # fmt: skip
+        assert settings(**changed) != base, changed
+
+
 def test_rejects_a_restart_with_different_training_settings(fake):
     run_sweep(fake(aggregators=["raco"], weights=[[1.0, 0.0]]), FakeEvaluator())
     with pytest.raises(SweepError, match="train_args=.*new --output-dir"):

@@ -200,6 +200,18 @@ class HeldOutEvaluator:
         self._splits: dict[str, _Split] = {}
         self._references: dict[str, Any] = {}  # reference name -> model (for the implicit_reward judge)
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What the reports measure (a sweep re-evaluates a point whose eval.json has other settings)."""
+        generation = self.generation
+        return {
+            "evaluator": "held_out",
+            "generation": None if generation is None else {
+                "config": generation.config.to_dict(), "num_prompts": generation.num_prompts,
+                "judges": list(generation.judges),
+            },
+        }  # fmt: skip
+
     def __call__(self, point: Any, train_dir: Path) -> EvalReport:
         """Sweep evaluator: the report of ``train_dir``'s exported model (samples beside the folder)."""
         return self.evaluate(train_dir, samples_path=Path(train_dir).parent / "generations.jsonl")

@@ -238,6 +238,9 @@ Evaluator = Callable[[SweepPoint, Path], Any]
 or an object with ``flat()`` (those metrics) and ``item_values`` (per-item values with their
 bootstrap clusters, e.g. :class:`raco_ds.pareto.evaluate.EvalReport`).
 
+An evaluator may have a JSON-able ``settings`` attribute (what it measures and how): a point's
+cached ``eval.json`` is reused only when it was made for the same trained model with equal settings.
+
 Keys are "<metric>/<objective>"; the fronts use the keys of ``SweepConfig.metrics``."""
 
 
@@ -408,15 +411,21 @@ def _evaluate_point(point: SweepPoint, folder: Path, evaluator: Evaluator) -> tu
     """(flat metrics, per-item values as dicts) of a point, from its eval.json when it is current."""
     done = _read_json(folder / DONE_MARKER) or {}
     cached = _read_json(folder / EVAL_FILE)
+    settings = json.loads(json.dumps(getattr(evaluator, "settings", None)))
     if cached is not None and cached.get("finished_at") == done.get("finished_at"):
-        return dict(cached["metrics"]), dict(cached.get("items", {}))
+        if cached.get("settings") == settings:
+            return dict(cached["metrics"]), dict(cached.get("items", {}))
+        logger.info("%s: %s was made with other evaluation settings; evaluating again", point.name, EVAL_FILE)
     result = evaluator(point, folder / "train")
     if isinstance(result, Mapping):
         metrics, items = {k: float(v) for k, v in result.items()}, {}
     else:  # an EvalReport: means plus the per-item values a sweep's bootstrap resamples
         metrics = {k: float(v) for k, v in result.flat().items()}
         items = {k: v.to_dict() for k, v in result.item_values.items()}
-    write_json_atomic(folder / EVAL_FILE, {"finished_at": done.get("finished_at"), "metrics": metrics, "items": items})
+    write_json_atomic(
+        folder / EVAL_FILE,
+        {"finished_at": done.get("finished_at"), "settings": settings, "metrics": metrics, "items": items},
+    )
     return metrics, items
 
 
