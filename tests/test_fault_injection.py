@@ -199,7 +199,7 @@ def _reseal(folder: Path) -> None:
 
 
 def test_planted_pickles_are_refused_and_never_run(uninterrupted, tmp_path):
-    from raco_ds.trainer.reference import load_reference
+    from raco_ds.trainer.scores_file import load_scores
 
     marker = tmp_path / "pwned"
     newest = uninterrupted / "checkpoints" / "step_00000006"
@@ -221,10 +221,10 @@ def test_planted_pickles_are_refused_and_never_run(uninterrupted, tmp_path):
             with pytest.raises(ckpt.CheckpointError, match="cannot be loaded safely"):
                 ckpt._load_tensors(root / "step_00000006" / name)  # the trainer's own loader refuses it too
             shutil.rmtree(root)
-    reference = tmp_path / "reference_logps.safetensors"
-    _plant(reference, marker)
-    planted += 1
-    assert load_reference(reference, {"any": "key"}) is None  # unreadable as safetensors: recomputed
+    for scores_file in ("reference_logps.safetensors", "heldout_logps.safetensors"):
+        _plant(tmp_path / scores_file, marker)
+        planted += 1
+        assert load_scores(tmp_path / scores_file, {"any": "key"}) is None  # unreadable as safetensors: recomputed
     assert not marker.exists()
     print(f"\nplanted pickles: {planted} planted, 0 executed")
 

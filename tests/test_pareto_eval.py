@@ -80,3 +80,85 @@ def test_eval_launcher_generates_judges_and_writes_samples_with_intervals(tmp_pa
     assert length["n"] == 3 and length["low"] <= length["value"] <= length["high"]
     assert report["intervals"]["accuracy_disagree/helpful"]["n"] == report["num_conflict_pairs"]
     assert report["generation"]["decoding"].startswith("sampled")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    from trainer_runs import check, run_python
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    check(run_python("--preset", "tiny", "--max-steps", "2", "--data.num_eval_pairs", "8", "--output-dir", str(out)))
+    return out
+
+
+def _counting_scorer(monkeypatch) -> list[int]:
+    """Count the forward passes over held-out pairs the evaluator makes (one list entry per call)."""
+    import raco_ds.trainer.eval as trainer_eval
+
+    calls: list[int] = []
+    real = trainer_eval.score_pairs
+
+    def counted(engine, dataset, indices, *args, **kwargs):
+        calls.append(len(indices))
+        return real(engine, dataset, indices, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_eval, "score_pairs", counted)
+    return calls
+
+
+def test_a_run_folder_is_evaluated_from_the_scores_the_run_saved(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    from raco_ds.pareto.evaluate import HeldOutEvaluator
+
+    assert (tiny_run / "reference_logps.safetensors").is_file() and (tiny_run / "heldout_logps.safetensors").is_file()
+    calls = _counting_scorer(monkeypatch)
+    reused = HeldOutEvaluator().evaluate(tiny_run)
+    assert calls == []  # neither the reference nor the trained model is run again
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_run, bare)
+    (bare / "reference_logps.safetensors").unlink()
+    (bare / "heldout_logps.safetensors").unlink()
+    rescored = HeldOutEvaluator().evaluate(bare)
+    assert calls == [8, 8]  # the reference, then the trained model
+    for name, values in reused.metrics.items():
+        assert values == pytest.approx(rescored.metrics[name], abs=1e-6), name
+    assert [v for v in reused.item_values["accuracy/helpful"].values] == rescored.item_values["accuracy/helpful"].values
+
+
+def test_saved_held_out_scores_are_not_used_for_other_weights(tiny_run, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from raco_ds.pareto.evaluate import HeldOutEvaluator
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, copy_function=shutil.copy2)  # copy2 keeps the mtimes the key holds
+    weights = next((run / "export").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # export rewritten
+    calls = _counting_scorer(monkeypatch)
+    HeldOutEvaluator().evaluate(run)
+    assert calls == [8]  # the saved reference still holds; the trained model's scores are recomputed
+
+
+def test_a_planted_pickle_in_a_run_folder_is_never_run(tiny_run, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from raco_ds.pareto.evaluate import HeldOutEvaluator
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, copy_function=shutil.copy2)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("heldout_logps.safetensors", "reference_logps.safetensors", "heldout_logps.pt"):
+        torch.save(Evil(), run / name)
+    calls = _counting_scorer(monkeypatch)
+    HeldOutEvaluator().evaluate(run)
+    assert calls == [8, 8] and not marker.exists()

@@ -253,14 +253,15 @@ class HeldOutEvaluator:
                 )
             cfg = load_config(config_path, root=run_config_root(config_path))
         reference = reference or cfg.model.name_or_path
-        held = self._split(cfg, reference)
+        run_dir = config_path.parent if config_path is not None else None
+        held = self._split(cfg, reference, run_dir)
         indices = held.split.eval_indices
         batch_size = self.batch_size or cfg.logging.eval_batch_size
 
         policy = load_model(str(model_dir), dtype=cfg.model.dtype).to(self.device)
         scores = None
-        if config_path is not None and model_dir == config_path.parent / "export":
-            scores = load_heldout_scores(config_path.parent / HELDOUT_SCORES_FILE, held.dataset, indices)
+        if run_dir is not None:
+            scores = load_heldout_scores(run_dir / HELDOUT_SCORES_FILE, held.dataset, indices, model_dir)
         if scores is None:
             scores = score_pairs(PlainEngine(policy), held.dataset, indices, batch_size, held.collator)
         loss_args = {"loss": cfg.loss.name, "beta": cfg.loss.beta}
@@ -315,11 +316,13 @@ class HeldOutEvaluator:
                        "decoding": spec.config.describe(), "samples": str(samples_path)}
         return items, description
 
-    def _split(self, cfg: Any, reference: str) -> _Split:
-        """The held-out pairs of ``cfg`` tokenised for ``reference``, with the reference's scores (cached)."""
+    def _split(self, cfg: Any, reference: str, run_dir: Path | None) -> _Split:
+        """The held-out pairs of ``cfg`` tokenised for ``reference``, with the reference's scores (cached):
+        those the run in ``run_dir`` saved when they are valid for these pairs, else scored here."""
         from raco_ds.models import load_model, load_tokenizer
-        from raco_ds.trainer.eval import PlainEngine, score_pairs
         from raco_ds.trainer.data import build_data
+        from raco_ds.trainer.eval import PlainEngine, score_pairs
+        from raco_ds.trainer.reference import saved_reference
 
         key = hashlib.sha256(json.dumps({
             "reference": reference, "dtype": cfg.model.dtype, "data": vars(cfg.data),
@@ -330,12 +333,18 @@ class HeldOutEvaluator:
         tokenizer = load_tokenizer(reference)
         dataset, collator, split, _streams = build_data(cfg, tokenizer, 0, 1)
         conflict = _conflict_pairs(dataset, split.eval_indices)
-        model = load_model(reference, dtype=cfg.model.dtype).to(self.device)
-        batch_size = self.batch_size or cfg.logging.eval_batch_size
-        scores = score_pairs(PlainEngine(model), dataset, split.eval_indices, batch_size, collator)
-        del model
-        logger.info("held-out split: %d pairs from %d prompt groups (%d with conflicting labels); reference %s scored",
-                    len(split.eval_indices), split.num_eval_groups, len(conflict), reference)
+        scores = None
+        if run_dir is not None and reference == cfg.model.name_or_path:
+            scores = saved_reference(run_dir, dataset, split, cfg)
+        source = "read from the run folder"
+        if scores is None:
+            model = load_model(reference, dtype=cfg.model.dtype).to(self.device)
+            batch_size = self.batch_size or cfg.logging.eval_batch_size
+            scores = score_pairs(PlainEngine(model), dataset, split.eval_indices, batch_size, collator)
+            del model
+            source = "scored"
+        logger.info("held-out split: %d pairs from %d prompt groups (%d with conflicting labels); reference %s %s",
+                    len(split.eval_indices), split.num_eval_groups, len(conflict), reference, source)
         self._splits[key] = _Split(dataset, split, conflict, collator, scores)
         return self._splits[key]
 

@@ -48,7 +48,7 @@ __all__ = [
     "score_pairs",
 ]
 
-HELDOUT_SCORES_FILE = "heldout_logps.pt"
+HELDOUT_SCORES_FILE = "heldout_logps.safetensors"
 """The trained model's held-out scores, written to the run folder (an evaluator reuses them)."""
 
 EVAL_METRICS = ("loss", "accuracy", "margin", "chosen_reward", "rejected_reward", "likelihood_accuracy")
@@ -172,24 +172,33 @@ def evaluate(
     }
 
 
-def save_heldout_scores(path: str | Path, dataset: PreferenceDataset, indices: Sequence[int], scores: PairScores) -> None:
-    """Write ``scores`` of the held-out ``indices``, keyed by the tokenised data, atomically."""
-    path = Path(path)
-    tmp = path.with_name(".tmp-" + path.name)
-    key = {"dataset": dataset.fingerprint, "indices": list(indices)}
-    torch.save({"key": key, "logps": scores.logps, "lengths": scores.lengths}, tmp)
-    tmp.replace(path)
+def _heldout_key(dataset: PreferenceDataset, indices: Sequence[int], model_dir: str | Path) -> dict[str, Any]:
+    from raco_ds.models import model_identity
+
+    return {"dataset": dataset.fingerprint, "indices": list(indices), "model": model_identity(str(model_dir))}
 
 
-def load_heldout_scores(path: str | Path, dataset: PreferenceDataset, indices: Sequence[int]) -> PairScores | None:
-    """The scores :func:`save_heldout_scores` wrote, or None when missing or for other data/pairs."""
-    path = Path(path)
-    if not path.is_file():
+def save_heldout_scores(
+    path: str | Path, dataset: PreferenceDataset, indices: Sequence[int], scores: PairScores, model_dir: str | Path
+) -> None:
+    """Write the held-out ``scores`` of the model saved in ``model_dir`` (its export), keyed by the
+    tokenised data, the pairs and that folder's weight files, atomically and without pickle."""
+    from raco_ds.trainer.scores_file import save_scores
+
+    save_scores(path, _heldout_key(dataset, indices, model_dir), scores)
+
+
+def load_heldout_scores(
+    path: str | Path, dataset: PreferenceDataset, indices: Sequence[int], model_dir: str | Path
+) -> PairScores | None:
+    """The scores :func:`save_heldout_scores` wrote for ``model_dir``; None when missing, damaged, or
+    written for other data, other pairs or other weights (e.g. an export rewritten since)."""
+    from raco_ds.trainer.scores_file import OtherKeyError, load_scores
+
+    try:
+        return load_scores(path, _heldout_key(dataset, indices, model_dir))
+    except OtherKeyError:
         return None
-    saved = torch.load(path, weights_only=False)
-    if saved["key"] != {"dataset": dataset.fingerprint, "indices": list(indices)}:
-        return None
-    return PairScores(saved["logps"], saved["lengths"])
 
 
 def heldout_items(

@@ -44,7 +44,7 @@ from raco_ds.losses import PreferenceLosses
 from raco_ds.preemption import OutputDirLock, PreemptionHandler
 from raco_ds.trainer.checkpoint import VerifiedCheckpoint, resume_point
 from raco_ds.trainer.config import TrainConfig, save_config
-from raco_ds.trainer.eval import PairScores
+from raco_ds.trainer.eval import HELDOUT_SCORES_FILE, PairScores, save_heldout_scores
 from raco_ds.trainer.metrics import METRICS_FILE, append_jsonl, eval_scalars, truncate_jsonl
 from raco_ds.trainer.process import seed_everything, setup_distributed, setup_logging
 from raco_ds.trainer.result import RunResult, format_summary
@@ -356,10 +356,11 @@ def _evaluate_before(run: Run, writer: MetricsWriter) -> dict[str, list[float]] 
     return before
 
 
-def _evaluate_after(run: Run, writer: MetricsWriter, result: RunResult) -> None:
-    """Held-out metrics and bootstrap intervals after the last step, into ``result`` and the run folder."""
+def _evaluate_after(run: Run, writer: MetricsWriter, result: RunResult) -> PairScores:
+    """Held-out metrics and bootstrap intervals after the last step, into ``result`` and the run folder;
+    returns the held-out scores."""
     from raco_ds.evaluation.bootstrap import estimates
-    from raco_ds.trainer.eval import HELDOUT_SCORES_FILE, heldout_items, save_heldout_scores, score_pairs
+    from raco_ds.trainer.eval import heldout_items, score_pairs
 
     cfg, split = run.cfg, run.split
     scores = score_pairs(run.engine, run.dataset, split.eval_indices, cfg.logging.eval_batch_size, run.collator)
@@ -369,7 +370,7 @@ def _evaluate_after(run: Run, writer: MetricsWriter, result: RunResult) -> None:
     writer.scalars(eval_scalars(result.eval_after, run.names), run.step)
     if run.rank == 0:
         (run.out / "eval_after.json").write_text(json.dumps(result.eval_after))
-        save_heldout_scores(run.out / HELDOUT_SCORES_FILE, run.dataset, split.eval_indices, scores)
+    return scores
 
 
 def _export(run: Run) -> Path:
@@ -391,11 +392,14 @@ def _finish(run: Run, result: RunResult, writer: MetricsWriter, stop: str | None
     result.step = run.step
     cc = run.cfg.checkpointing
     if stop is None:
-        _evaluate_after(run, writer, result)
+        scores = _evaluate_after(run, writer, result)
         if cc.save_final and not _due(cc.save_every, run.step):  # not saved on schedule this very step
             _save(run)
         if cc.export:
             result.export_dir = _export(run)
+            if run.rank == 0:  # keyed by the export's weight files: an evaluator of export/ reuses them
+                save_heldout_scores(run.out / HELDOUT_SCORES_FILE, run.dataset, run.split.eval_indices, scores,
+                                    result.export_dir)  # fmt: skip
     writer.close()
     result.seconds = time.perf_counter() - started
     if stop is not None:
