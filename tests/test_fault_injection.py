@@ -229,6 +229,67 @@ def test_planted_pickles_are_refused_and_never_run(uninterrupted, tmp_path):
     print(f"\nplanted pickles: {planted} planted, 0 executed")
 
 
+def test_a_planted_checkpoint_metadata_pickle_is_refused_and_never_run(tmp_path):
+    """torch.distributed.checkpoint's .metadata (Megatron's checkpoints) is a plain pickle: a planted one
+    that matches a rewritten manifest is refused before PyTorch unpickles it."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "step_00000002"
+    dcp.save({"w": torch.randn(4, 3), "b": torch.zeros(3, dtype=torch.bfloat16), "note": {"step": 2}},
+             checkpoint_id=str(folder / "ds"), no_dist=True)  # fmt: skip
+    _reseal_as_step(folder, 2)
+    assert find_damage(folder) == []  # the real metadata passes
+    marker = tmp_path / "pwned"
+    (folder / "ds" / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
+    _reseal_as_step(folder, 2)
+    damage = find_damage(folder)
+    assert len(damage) == 1 and ".metadata: refused by the safe unpickler (Unsupported global: builtins.exec)" in damage[0]
+    assert not marker.exists()
+
+
+def test_a_planted_non_tensor_item_of_a_megatron_checkpoint_is_refused_and_never_run(tmp_path):
+    """Non-tensor items of a torch.distributed.checkpoint (Megatron's _extra_state, ...) are unpickled
+    by PyTorch with weights_only=False; one planted inside a .distcp file is refused first."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from raco_ds.trainer.integrity import _MetadataUnpickler
+
+    folder = tmp_path / "step_00000002"
+    dcp.save({"w": torch.randn(4, 3), "extra": [1, 2.5, "x" * 2000]}, checkpoint_id=str(folder / "ds"), no_dist=True)
+    _reseal_as_step(folder, 2)
+    assert find_damage(folder) == []
+    with open(folder / "ds" / ".metadata", "rb") as handle:
+        metadata = _MetadataUnpickler(handle).load()
+    (where,) = [w for i, w in metadata.storage_data.items()
+                if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata)]  # fmt: skip
+    marker = tmp_path / "pwned"
+    evil = io.BytesIO()
+    torch.save(_Evil(marker), evil)
+    planted = evil.getvalue()
+    data = bytearray((folder / "ds" / where.relative_path).read_bytes())
+    assert len(planted) <= where.length  # fits in place: only the item changes
+    data[where.offset:where.offset + len(planted)] = planted
+    (folder / "ds" / where.relative_path).write_bytes(bytes(data))
+    _reseal_as_step(folder, 2)
+    damage = find_damage(folder)
+    assert len(damage) == 1 and "item extra" in damage[0] and "refused by the safe unpickler" in damage[0], damage
+    assert not marker.exists()
+    torch.load(io.BytesIO(bytes(data[where.offset:where.offset + where.length])), weights_only=False)
+    assert marker.exists()  # what PyTorch's loader would have done with the planted item
+
+
+def _reseal_as_step(folder: Path, step: int) -> None:
+    from raco_ds.trainer.integrity import MANIFEST_NAME, build_manifest, manifest_text
+
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    (folder / MANIFEST_NAME).write_text(manifest_text({"step": step, **build_manifest(folder)}))
+
+
 def test_early_stop_signal_requeues_and_planted_reference_pickles_never_run(uninterrupted, tmp_path):
     out = tmp_path / "early"
     out.mkdir()

@@ -19,10 +19,12 @@ parallelism), so a checkpoint loads only under the same tensor and pipeline
 parallel sizes; the layout file lets a mismatch fail with an error that says
 so before anything is read.
 
-Safety note: the manifest catches any damaged or swapped file, and
-``common.pt`` passes the safe (weights_only) unpickler like every ``.pt``
-file; torch.distributed.checkpoint's ``.metadata`` file is a plain pickle that
-PyTorch reads with ``pickle``, so only its manifest hash protects it.
+Safety note: the manifest catches any damaged or swapped file, ``common.pt``
+passes the safe (weights_only) unpickler like every ``.pt`` file, and
+torch.distributed.checkpoint's ``.metadata`` pickle is parsed first by an
+unpickler that accepts only the checkpoint metadata classes
+(:data:`raco_ds.trainer.integrity.DCP_METADATA_GLOBALS`), so even a file that
+matches a rewritten manifest cannot run code.
 """
 
 from __future__ import annotations

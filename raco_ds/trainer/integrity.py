@@ -13,6 +13,12 @@ code there, every ``.pt`` file is also unpickled once with PyTorch's
 allowlist adds only the plain data classes DeepSpeed itself writes
 (:data:`DEEPSPEED_DATA_CLASSES`). Tensor storage is memory-mapped, so this
 costs a parse of the small pickle, not a second read of the weights.
+torch.distributed.checkpoint (Megatron's checkpoints) unpickles two things
+without an allowlist: its ``.metadata`` file, parsed here first by an
+unpickler that accepts only the metadata classes PyTorch writes there
+(:data:`DCP_METADATA_GLOBALS`) and torch dtypes, and the non-tensor items
+inside its ``.distcp`` files, which that metadata locates and which must pass
+the same ``weights_only`` unpickler as a ``.pt`` file.
 
 Both checks are collective when torch.distributed is initialised: rank r
 checks every world-th file, and the findings are gathered on every rank so
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "DCP_METADATA_GLOBALS",
     "DEEPSPEED_DATA_CLASSES",
     "MANIFEST_NAME",
     "build_manifest",
@@ -49,6 +58,23 @@ DEEPSPEED_DATA_CLASSES = (
 )
 """Classes DeepSpeed 0.19 pickles into its checkpoints (ZeRO 1-3, with and without offload), all
 plain data whose unpickling runs no code of the file's choosing."""
+
+DCP_METADATA_GLOBALS = frozenset({
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex", "StorageMeta",
+        "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING",
+    )),
+    *(("torch.distributed.checkpoint.planner", name) for name in (
+        "SavePlan", "TensorWriteData", "WriteItem", "WriteItemType",
+    )),
+})  # fmt: skip
+"""The globals (besides torch dtypes) that torch 2.13's checkpoint ``.metadata`` pickles name, as
+found in Megatron-core 0.16 and ``dcp.save`` checkpoints: plain data classes, enums, a path and a
+layout lookup."""
 
 _BLOCK = 1 << 22
 
@@ -134,6 +160,41 @@ def _unpickles_safely(path: Path) -> str | None:
     return None
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in DCP_METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
+
+
+def _metadata_unpickles_safely(path: Path) -> str | None:
+    """None when a checkpoint ``.metadata`` pickle names only :data:`DCP_METADATA_GLOBALS` and dtypes,
+    and every non-tensor item it locates passes the weights_only unpickler; else why not."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    try:
+        with open(path, "rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        for index, where in metadata.storage_data.items():
+            if not isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata):
+                continue  # tensors: PyTorch reads them with weights_only=True itself
+            if where.transform_descriptors:
+                raise ValueError(f"item {index.fqn} is stored transformed ({where.transform_descriptors})")
+            with open(path.parent / where.relative_path, "rb") as handle:
+                handle.seek(where.offset)
+                item = io.BytesIO(handle.read(where.length))
+            try:
+                with torch.serialization.safe_globals(_allowed_classes()):
+                    torch.load(item, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001
+                raise ValueError(f"item {index.fqn} in {where.relative_path}: {str(err).strip()[:160]}") from None
+    except Exception as err:  # noqa: BLE001 - any failure means "do not hand this file to an unpickler"
+        return f"refused by the safe unpickler ({str(err).strip()[:240] or type(err).__name__})"
+    return None
+
+
 def _check_file(folder: Path, name: str, entry: Any) -> str | None:
     path = folder / name
     try:
@@ -149,11 +210,12 @@ def _check_file(folder: Path, name: str, entry: Any) -> str | None:
             return f"{path}: its sha256 does not match the manifest (the bytes changed after the save)"
     except OSError as err:
         return f"{path}: unreadable ({err.strerror})"
+    refused = None
     if path.suffix == ".pt":
         refused = _unpickles_safely(path)
-        if refused:
-            return f"{path}: {refused}"
-    return None
+    elif path.name == ".metadata":
+        refused = _metadata_unpickles_safely(path)
+    return f"{path}: {refused}" if refused else None
 
 
 def find_damage(folder: str | Path) -> list[str]:
