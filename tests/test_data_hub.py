@@ -309,3 +309,30 @@ def test_hub_sources_round_trip_through_the_spec_dict():
         assert DatasetSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     source = HubSource(path="a/b", columns={"q": "prompt"})
     assert source.columns == (("q", "prompt"),) and str(source) == "a/b[split=train]"
+
+
+def test_the_data_fingerprint_follows_content_and_selection_not_location(trl_repo, tmp_path):
+    """The fingerprint keys the reference log-probs cache: a moved copy keeps it, other rows or
+    another split of the same folder do not."""
+    import shutil
+
+    def fingerprint(path: Path, **options) -> str:
+        spec = resolve_dataset(str(path), objectives=["preference"], **options)
+        return load_preference_data(spec).fingerprint
+
+    moved = tmp_path / "elsewhere" / "prefs"
+    shutil.copytree(trl_repo, moved)
+    renamed = {"columns": {"question": "prompt"}}
+    assert fingerprint(moved, **renamed) == fingerprint(trl_repo, **renamed)
+    assert fingerprint(trl_repo, split="test", **renamed) != fingerprint(trl_repo, **renamed)
+    rows = [{"prompt": r["question"], **{k: v for k, v in r.items() if k != "question"}} for r in _QA_ROWS]
+    jsonl = _write_jsonl_rows(tmp_path / "a" / "prefs.jsonl", rows)
+    copy = _write_jsonl_rows(tmp_path / "b" / "prefs.jsonl", rows)
+    edited = _write_jsonl_rows(tmp_path / "c" / "prefs.jsonl", rows[:2])
+    assert fingerprint(jsonl) == fingerprint(copy) != fingerprint(edited)
+
+
+def _write_jsonl_rows(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,8 +108,20 @@ def _source_hash(source: Source) -> str:
     return content_hash(source)
 
 
+def _where_independent(source: Any) -> Any:
+    """A source's entry in the spec without the folder a local file or copy lies in: the content hash
+    identifies it, so a moved checkout or a copied data folder keeps its caches."""
+    if isinstance(source, Mapping):  # a HubSource: keep its config, split, revision and columns
+        return {**source, "path": _where_independent(source["path"])}
+    return Path(source).name if Path(source).exists() else source
+
+
 def _fingerprint(spec: DatasetSpec) -> str:
-    description = {"spec": spec.to_dict(), "content": [_source_hash(f) for f in spec.all_files()]}
+    described = spec.to_dict()
+    described["files"] = [_where_independent(f) for f in described["files"]]
+    for objective in described["objectives"]:
+        objective["files"] = [_where_independent(f) for f in objective["files"]]
+    description = {"spec": described, "content": [_source_hash(f) for f in spec.all_files()]}
     return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
 
 
