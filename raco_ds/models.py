@@ -88,6 +88,16 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def _hub_snapshot(name: str) -> Path | None:
+    """The local Hub cache's snapshot folder of ``name`` (never the network); None when not cached."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not a repository id, or not downloaded: the name identifies it
+        return None
+
+
 def choose_attn_implementation(dtype: Dtype, requested: str | None = None) -> str | None:
     """The attention kernel to ask for: ``requested``, else flash_attention_2 where it can run, else None
     (transformers' own default: sdpa where the architecture has it, eager where not, e.g. Bloom)."""
@@ -168,9 +178,14 @@ def model_identity(name_or_path: str, dtype: Dtype = "fp32") -> str:
     """A string that changes when the model's weights may have changed (a reference-cache key ingredient).
 
     For a local folder: the resolved path, its config and the name, size and
-    modification time of every weight file; for a hub name: the name only.
+    modification time of every weight file. A Hub name is resolved to the
+    snapshot folder of the revision the local Hub cache holds for it (its path
+    names the commit), so a repository that moved on is a new identity; a name
+    not in the cache (nothing downloaded yet) is described by the name alone.
     """
     path = Path(resolve_model_path(name_or_path))
+    if not path.is_dir():
+        path = _hub_snapshot(name_or_path) or path
     description: dict[str, Any] = {"name": name_or_path, "dtype": dtype}
     if path.is_dir():
         description["path"] = str(path.resolve())

@@ -54,6 +54,26 @@ def test_tiny_model_is_deterministic_and_cached():
     assert model_identity("tiny") == model_identity("tiny") != model_identity("tiny-qwen2")
 
 
+def test_a_hub_model_identity_follows_the_cached_revision(tmp_path, monkeypatch):
+    """A Hub name is identified by the snapshot the local cache holds: when the repository moves on
+    (refs/main points at a new commit), cached reference log-probs keyed by it no longer match."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--my-org--policy"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text('{"model_type": "llama"}')
+        (repo / "snapshots" / commit / "model.safetensors").write_bytes(commit.encode())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    first = model_identity("my-org/policy")
+    assert model_identity("my-org/policy") == first != model_identity("my-org/policy", "bf16")
+    (repo / "refs" / "main").write_text("b" * 40)
+    assert model_identity("my-org/policy") != first
+    assert model_identity("my-org/not-downloaded") == model_identity("my-org/not-downloaded")  # the name alone
+
+
 def test_load_options():
     model = load_model("tiny", dtype="bf16", gradient_checkpointing=True, attn_implementation="eager")
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -162,3 +162,30 @@ def test_a_planted_pickle_in_a_run_folder_is_never_run(tiny_run, tmp_path, monke
     calls = _counting_scorer(monkeypatch)
     HeldOutEvaluator().evaluate(run)
     assert calls == [8, 8] and not marker.exists()
+
+
+def test_saved_held_out_scores_are_not_used_in_another_dtype(tiny_run, monkeypatch):
+    from raco_ds.pareto.evaluate import HeldOutEvaluator
+    from raco_ds.trainer.config import load_config, run_config_root
+
+    cfg = load_config(tiny_run / "config.yaml", root=run_config_root(tiny_run / "config.yaml"))
+    cfg.model.dtype = "bf16"
+    calls = _counting_scorer(monkeypatch)
+    HeldOutEvaluator().evaluate(tiny_run, cfg=cfg)
+    assert calls == [8, 8]  # the run's fp32 scores (reference and trained model) are not mixed with bf16 ones
+
+
+def test_a_fresh_run_in_an_old_run_folder_removes_that_runs_results(tiny_run, tmp_path):
+    import shutil
+
+    from trainer_runs import check, run_python
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    result = check(run_python("--preset", "tiny", "--max-steps", "1", "--data.num_eval_pairs", "8",
+                              "--weights", "0.9,0.1", "--checkpointing.export", "false", "--output-dir", str(run)))
+    assert not (run / "export").exists() and not (run / "heldout_logps.safetensors").exists()
+    assert (run / "eval_after.json").is_file()  # this run's
+    assert "held an earlier run's results; removed export, heldout_logps.safetensors" in result.stderr + result.stdout
+    with pytest.raises(FileNotFoundError, match="without export"):
+        resolve_run(run)  # nothing evaluates the earlier run's model as this run's

@@ -6,6 +6,7 @@ are tested without training anything. The end-to-end sweep on the real trainer i
 """
 
 import csv
+import dataclasses
 import json
 import sys
 import textwrap
@@ -206,6 +207,19 @@ def test_held_out_evaluator_settings_name_every_generation_option():
     for changed in ({"num_prompts": 8}, {"judges": ["implicit_reward"]}, {"config": GenerationConfig(max_new_tokens=7)},
                     {"config": GenerationConfig(sample=True, seed=3)}):  # fmt: skip
         assert settings(**changed) != base, changed
+
+
+def test_rejects_a_restart_with_another_train_command_or_changed_training_files(fake, tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    cfg = fake(aggregators=["raco"], weights=[[1.0, 0.0]], train_args=["--data", str(data)])
+    run_sweep(cfg, FakeEvaluator())
+    run_sweep(cfg, FakeEvaluator())  # unchanged: a restart is fine
+    with pytest.raises(SweepError, match="train_command="):
+        run_sweep(dataclasses.replace(cfg, train_command=[sys.executable, "-c", "pass"]), FakeEvaluator())
+    data.write_text('{"prompt": "a", "chosen": "c", "rejected": "b"}\n')
+    with pytest.raises(SweepError, match=f"training read {data}, and the content changed"):
+        run_sweep(cfg, FakeEvaluator())
 
 
 def test_rejects_a_restart_with_different_training_settings(fake):

@@ -3,6 +3,7 @@ resume refusal, resumable data streams, the held-out split, evaluation metrics, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -163,6 +164,20 @@ def test_rejects_resume_with_other_objectives(tmp_path):
 def test_rejects_resume_with_another_world_size(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="saved by 2 ranks and this run has 1"):
         ckpt.check_compatible(_state(3, world=2), tmp_path, ["helpful", "harmless"], 1)
+
+
+def test_rejects_resume_with_another_loss(tmp_path):
+    from raco_ds.trainer.config import parse_args
+
+    dpo = ckpt.loss_identity(parse_args(["--preset", "tiny"]))
+    saved = dataclasses.replace(_state(3), loss=dpo)
+    assert ckpt.check_compatible(saved, tmp_path, ["helpful", "harmless"], 1, loss=dpo) == []
+    for other in (["--loss.beta", "0.3"], ["--loss", "ipo"]):
+        changed = ckpt.loss_identity(parse_args(["--preset", "tiny", *other]))
+        with pytest.raises(ckpt.CheckpointError, match=r"trained with loss dpo \(beta 0.2.*--loss dpo --loss.beta 0.2"):
+            ckpt.check_compatible(saved, tmp_path, ["helpful", "harmless"], 1, loss=changed)
+    # A checkpoint from before the loss was recorded is not checked.
+    assert ckpt.check_compatible(_state(3), tmp_path, ["helpful", "harmless"], 1, loss=dpo) == []
 
 
 def test_allows_resume_with_other_weights_but_says_so(tmp_path):

@@ -270,10 +270,10 @@ def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float
     from raco_ds.models import load_tokenizer
     from raco_ds.preemption import OutputDirLock, PreemptionHandler
     from raco_ds.tiny_models import train_tiny_tokenizer
-    from raco_ds.trainer.checkpoint import TrainerState, load_checkpoint, resume_point, save_checkpoint
+    from raco_ds.trainer.checkpoint import TrainerState, load_checkpoint, loss_identity, resume_point, save_checkpoint
     from raco_ds.trainer.data import build_data
     from raco_ds.trainer.eval import evaluate
-    from raco_ds.trainer.result import RunResult, format_summary
+    from raco_ds.trainer.result import RunResult, clear_previous_results, format_summary
 
     # -- 0. setup ---------------------------------------------------------------------------------
     _init_distributed(cfg)
@@ -285,6 +285,8 @@ def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float
     own_stopper = stopper is None
     stopper = PreemptionHandler().install() if own_stopper else stopper
     if rank == 0:
+        if latest is None:
+            clear_previous_results(out)
         save_config(cfg, out / "config.yaml")
     dist.barrier()
     try:
@@ -330,7 +332,8 @@ def train(cfg: MegatronTrainConfig, stopper: Any = None) -> list[dict[str, float
         def checkpoint() -> None:
             state = TrainerState(step=step, objectives=names, weights=list(cfg.objectives.weights),
                                  aggregator=cfg.raco.aggregator, world_size=world,
-                                 data_position={"streams": [s.state_dict() for s in streams]})  # fmt: skip
+                                 data_position={"streams": [s.state_dict() for s in streams]},
+                                 loss=loss_identity(cfg))  # fmt: skip
             save_checkpoint(engine, ckpt_root, state, keep_last=cc.keep_last)
 
         # -- 3. the loop --------------------------------------------------------------------------

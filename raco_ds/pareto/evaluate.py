@@ -261,7 +261,8 @@ class HeldOutEvaluator:
         policy = load_model(str(model_dir), dtype=cfg.model.dtype).to(self.device)
         scores = None
         if run_dir is not None:
-            scores = load_heldout_scores(run_dir / HELDOUT_SCORES_FILE, held.dataset, indices, model_dir)
+            scores = load_heldout_scores(run_dir / HELDOUT_SCORES_FILE, held.dataset, indices, model_dir,
+                                         cfg.model.dtype)  # fmt: skip
         if scores is None:
             scores = score_pairs(PlainEngine(policy), held.dataset, indices, batch_size, held.collator)
         loss_args = {"loss": cfg.loss.name, "beta": cfg.loss.beta}

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raco_ds.data.loading import content_hash
 from raco_ds.pareto.grid import DEFAULT_STEP, Weights, format_weights, simplex_grid, validate_weights
 from raco_ds.pareto.metrics import non_dominated
 from raco_ds.pareto.plot import plot_sweep
@@ -271,14 +272,37 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------
 # The manifest: a restart must train the same thing.
 
-_MANIFEST_KEYS = ("objectives", "train_args")  # what the trained models depend on
+_MANIFEST_KEYS = ("objectives", "train_args", "train_command", "train_files")  # what the trained models depend on
+
+
+def _train_files(cfg: SweepConfig) -> dict[str, Any]:
+    """Every training argument that names a local file or folder (a config, DeepSpeed config, data),
+    with what identifies its content: a file's sha256, a folder's file names and sizes."""
+    files: dict[str, Any] = {}
+    for arg in cfg.train_args:
+        path = Path(arg) if Path(arg).is_absolute() else REPO_ROOT / arg
+        if arg.startswith("-") or not path.exists():
+            continue
+        if path.is_file():
+            files[arg] = content_hash(path)
+        else:
+            files[arg] = sorted((str(f.relative_to(path)), f.stat().st_size) for f in path.rglob("*") if f.is_file())
+    return json.loads(json.dumps(files))
 
 
 def _check_manifest(cfg: SweepConfig) -> None:
     path = Path(cfg.output_dir) / "sweep.json"
-    current = dataclasses.asdict(cfg)
+    current = {**dataclasses.asdict(cfg), "train_files": _train_files(cfg)}
     previous = _read_json(path)
     if previous is not None:
+        changed = sorted(a for a in {**previous.get("train_files", {}), **current["train_files"]}
+                         if previous.get("train_files", {}).get(a) != current["train_files"].get(a))  # fmt: skip
+        if "train_files" in previous and changed:
+            raise SweepError(
+                f"{cfg.output_dir} holds a sweep run whose training read {', '.join(changed)}, and the content "
+                "changed since; its finished points would not be comparable. Restore the files, or pass a new "
+                "--output-dir."
+            )
         for key in _MANIFEST_KEYS:
             if key in previous and previous[key] != current[key]:
                 raise SweepError(

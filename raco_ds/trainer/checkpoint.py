@@ -54,6 +54,7 @@ __all__ = [
     "TrainerState",
     "VerifiedCheckpoint",
     "check_compatible",
+    "loss_identity",
     "find_latest",
     "find_resumable",
     "load_checkpoint",
@@ -91,6 +92,9 @@ class TrainerState:
     """The data streams' positions (epoch and cursor per stream)."""
     tokens_seen: int = 0
     """Training tokens processed so far (all ranks)."""
+    loss: dict[str, Any] | None = None
+    """The loss at save time (:func:`loss_identity`); a resume with another loss is refused (None: a
+    checkpoint written before this field existed, not checked)."""
 
     def to_json(self) -> str:
         """JSON text of the state."""
@@ -281,6 +285,11 @@ def read_trainer_state(folder: str | Path) -> TrainerState:
     return TrainerState(**json.loads((Path(folder) / "trainer_state.json").read_text()))
 
 
+def loss_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """The loss a run optimises (name, beta and options), as stored in its checkpoints."""
+    return json.loads(json.dumps({"name": cfg.loss.name, "beta": cfg.loss.beta, "options": dict(cfg.loss.options)}))
+
+
 def check_compatible(
     state: TrainerState,
     folder: Path,
@@ -288,6 +297,7 @@ def check_compatible(
     world_size: int,
     weights: list[float] | None = None,
     aggregator: str | None = None,
+    loss: dict[str, Any] | None = None,
 ) -> list[str]:
     """Raise CheckpointError if this run cannot continue ``state``; return warnings for tolerable differences."""
     if list(state.objectives) != list(objectives):
@@ -301,6 +311,14 @@ def check_compatible(
             f"cannot resume from {folder}: it was saved by {state.world_size} ranks and this run has {world_size}; "
             f"ZeRO partitions are per rank. Relaunch with {state.world_size} ranks (--num_gpus {state.world_size}), "
             "or convert it with DeepSpeed's zero_to_fp32.py and start a new run from the weights."
+        )
+    if loss is not None and state.loss is not None and state.loss != loss:
+        saved = state.loss
+        raise CheckpointError(
+            f"cannot resume from {folder}: it was trained with loss {saved['name']} (beta {saved['beta']}, options "
+            f"{saved['options']}) and this run has {loss['name']} (beta {loss['beta']}, options {loss['options']}); "
+            f"a resumed run keeps its loss. Resume with --loss {saved['name']} --loss.beta {saved['beta']} and the "
+            "same --loss.options, or pass a new --output-dir to start a fresh run."
         )
     notes = []
     if weights is not None and [round(w, 12) for w in state.weights] != [round(w, 12) for w in weights]:
@@ -395,6 +413,7 @@ def resume_point(cfg: TrainConfig, root: Path, world: int) -> VerifiedCheckpoint
     for damage in latest.damaged:
         logger.warning("%s; resuming from the newest intact checkpoint %s", damage, latest.folder.name)
     names, weights = list(cfg.objectives.names), cfg.objectives.weights
-    for note in check_compatible(latest.state, latest.folder, names, world, weights, cfg.raco.aggregator):
+    for note in check_compatible(latest.state, latest.folder, names, world, weights, cfg.raco.aggregator,
+                                 loss_identity(cfg)):  # fmt: skip
         logger.warning(note)
     return latest

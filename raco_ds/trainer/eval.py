@@ -172,31 +172,39 @@ def evaluate(
     }
 
 
-def _heldout_key(dataset: PreferenceDataset, indices: Sequence[int], model_dir: str | Path) -> dict[str, Any]:
+def _heldout_key(
+    dataset: PreferenceDataset, indices: Sequence[int], model_dir: str | Path, dtype: str
+) -> dict[str, Any]:
     from raco_ds.models import model_identity
 
-    return {"dataset": dataset.fingerprint, "indices": list(indices), "model": model_identity(str(model_dir))}
+    return {"dataset": dataset.fingerprint, "indices": list(indices), "model": model_identity(str(model_dir), dtype)}
 
 
 def save_heldout_scores(
-    path: str | Path, dataset: PreferenceDataset, indices: Sequence[int], scores: PairScores, model_dir: str | Path
+    path: str | Path,
+    dataset: PreferenceDataset,
+    indices: Sequence[int],
+    scores: PairScores,
+    model_dir: str | Path,
+    dtype: str,
 ) -> None:
-    """Write the held-out ``scores`` of the model saved in ``model_dir`` (its export), keyed by the
-    tokenised data, the pairs and that folder's weight files, atomically and without pickle."""
+    """Write the held-out ``scores`` of the model saved in ``model_dir`` (its export) run in ``dtype``,
+    keyed by the tokenised data, the pairs, that folder's weight files and the dtype, atomically and
+    without pickle."""
     from raco_ds.trainer.scores_file import save_scores
 
-    save_scores(path, _heldout_key(dataset, indices, model_dir), scores)
+    save_scores(path, _heldout_key(dataset, indices, model_dir, dtype), scores)
 
 
 def load_heldout_scores(
-    path: str | Path, dataset: PreferenceDataset, indices: Sequence[int], model_dir: str | Path
+    path: str | Path, dataset: PreferenceDataset, indices: Sequence[int], model_dir: str | Path, dtype: str
 ) -> PairScores | None:
-    """The scores :func:`save_heldout_scores` wrote for ``model_dir``; None when missing, damaged, or
-    written for other data, other pairs or other weights (e.g. an export rewritten since)."""
+    """The scores :func:`save_heldout_scores` wrote for ``model_dir`` in ``dtype``; None when missing,
+    damaged, or written for other data, pairs, weights (an export rewritten since) or another dtype."""
     from raco_ds.trainer.scores_file import OtherKeyError, load_scores
 
     try:
-        return load_scores(path, _heldout_key(dataset, indices, model_dir))
+        return load_scores(path, _heldout_key(dataset, indices, model_dir, dtype))
     except OtherKeyError:
         return None
 

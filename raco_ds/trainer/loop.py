@@ -47,7 +47,7 @@ from raco_ds.trainer.config import TrainConfig, save_config
 from raco_ds.trainer.eval import HELDOUT_SCORES_FILE, PairScores, save_heldout_scores
 from raco_ds.trainer.metrics import METRICS_FILE, append_jsonl, eval_scalars, truncate_jsonl
 from raco_ds.trainer.process import seed_everything, setup_distributed, setup_logging
-from raco_ds.trainer.result import RunResult, format_summary
+from raco_ds.trainer.result import RunResult, clear_previous_results, format_summary
 from raco_ds.trainer.step_record import SkipCounter, StepRecord, progress_text, step_scalars
 from raco_ds.trainer.trackers import MetricsWriter, open_trackers
 
@@ -77,6 +77,8 @@ def train(cfg: TrainConfig, stopper: PreemptionHandler | None = None) -> RunResu
     own_stopper = stopper is None
     stopper = PreemptionHandler().install() if own_stopper else stopper  # stop signals: a flag polled per step
     if rank == 0:
+        if latest is None:
+            clear_previous_results(out)
         save_config(cfg, out / "config.yaml")
     if world > 1:
         dist.barrier()
@@ -274,12 +276,13 @@ def _resume(run: Run, latest: VerifiedCheckpoint) -> None:
 
 
 def _save(run: Run) -> None:
-    from raco_ds.trainer.checkpoint import TrainerState, save_checkpoint
+    from raco_ds.trainer.checkpoint import TrainerState, loss_identity, save_checkpoint
 
     state = TrainerState(
         step=run.step, objectives=run.names, weights=list(run.cfg.objectives.weights),
         aggregator=run.cfg.raco.aggregator, world_size=run.world,
         data_position={"streams": [s.state_dict() for s in run.streams]}, tokens_seen=run.tokens_seen,
+        loss=loss_identity(run.cfg),
     )  # fmt: skip
     started = time.perf_counter()
     path = save_checkpoint(run.engine, run.checkpoints, state, run.hook, keep_last=run.cfg.checkpointing.keep_last)
@@ -399,7 +402,7 @@ def _finish(run: Run, result: RunResult, writer: MetricsWriter, stop: str | None
             result.export_dir = _export(run)
             if run.rank == 0:  # keyed by the export's weight files: an evaluator of export/ reuses them
                 save_heldout_scores(run.out / HELDOUT_SCORES_FILE, run.dataset, run.split.eval_indices, scores,
-                                    result.export_dir)  # fmt: skip
+                                    result.export_dir, run.cfg.model.dtype)  # fmt: skip
     writer.close()
     result.seconds = time.perf_counter() - started
     if stop is not None:

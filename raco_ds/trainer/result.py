@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunResult", "format_summary"]
+__all__ = ["PREVIOUS_RESULTS", "RunResult", "clear_previous_results", "format_summary"]
+
+logger = logging.getLogger("raco_ds.trainer")
+
+PREVIOUS_RESULTS = ("export", "export_adapter", "heldout_logps.safetensors", "eval_before.json", "eval_after.json")
+"""What a finished run leaves in its folder that describes that run's model: a fresh run in the same
+folder removes them first, so that nothing (launchers/eval.py, a sweep) reads an earlier run's model
+or scores as this run's."""
+
+
+def clear_previous_results(out: Path) -> None:
+    """Remove :data:`PREVIOUS_RESULTS` from ``out`` before a fresh (not resumed) run writes there."""
+    removed = []
+    for name in PREVIOUS_RESULTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        logger.info("%s held an earlier run's results; removed %s (a fresh run starts here)", out, ", ".join(removed))
 
 
 @dataclass
