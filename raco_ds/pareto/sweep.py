@@ -272,7 +272,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------
 # The manifest: a restart must train the same thing.
 
-_MANIFEST_KEYS = ("objectives", "train_args", "train_command", "train_files")  # what the trained models depend on
+_MANIFEST_KEYS = ("objectives", "train_args", "train_command")  # what the trained models depend on (and train_files)
 
 
 def _train_files(cfg: SweepConfig) -> dict[str, Any]:
@@ -295,9 +295,9 @@ def _check_manifest(cfg: SweepConfig) -> None:
     current = {**dataclasses.asdict(cfg), "train_files": _train_files(cfg)}
     previous = _read_json(path)
     if previous is not None:
-        changed = sorted(a for a in {**previous.get("train_files", {}), **current["train_files"]}
-                         if previous.get("train_files", {}).get(a) != current["train_files"].get(a))  # fmt: skip
-        if "train_files" in previous and changed:
+        before, now = previous.get("train_files"), current["train_files"]
+        changed = [] if before is None else sorted(a for a in {**before, **now} if before.get(a) != now.get(a))
+        if changed:
             raise SweepError(
                 f"{cfg.output_dir} holds a sweep run whose training read {', '.join(changed)}, and the content "
                 "changed since; its finished points would not be comparable. Restore the files, or pass a new "

@@ -148,15 +148,15 @@ def _allowed_classes() -> list[type]:
     return classes
 
 
-def _unpickles_safely(path: Path) -> str | None:
-    """None when ``path`` unpickles under the weights_only rules (+ DeepSpeed's data classes), else why not."""
+def _unpickling_refusal(source: Path | io.BytesIO) -> str | None:
+    """None when ``source`` (a file, or an item read from one) unpickles under the weights_only rules
+    (+ DeepSpeed's data classes), else why not."""
     try:
         with torch.serialization.safe_globals(_allowed_classes()):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            torch.load(source, map_location="cpu", weights_only=True, mmap=isinstance(source, Path))
     except Exception as err:  # noqa: BLE001 - any failure means "do not hand this file to an unpickler"
         lines = str(err).strip().splitlines() or [type(err).__name__]
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
-        return f"refused by the safe unpickler ({reason.strip()[:200]})"
+        return next((line for line in lines if "Unsupported global" in line), lines[0]).strip()[:200]
     return None
 
 
@@ -169,9 +169,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: {module}.{name}")
 
 
-def _metadata_unpickles_safely(path: Path) -> str | None:
+def _metadata_refusal(path: Path) -> str | None:
     """None when a checkpoint ``.metadata`` pickle names only :data:`DCP_METADATA_GLOBALS` and dtypes,
-    and every non-tensor item it locates passes the weights_only unpickler; else why not."""
+    and every non-tensor item it locates passes :func:`_unpickling_refusal`; else why not."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     try:
@@ -181,17 +181,14 @@ def _metadata_unpickles_safely(path: Path) -> str | None:
             if not isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata):
                 continue  # tensors: PyTorch reads them with weights_only=True itself
             if where.transform_descriptors:
-                raise ValueError(f"item {index.fqn} is stored transformed ({where.transform_descriptors})")
+                return f"item {index.fqn} is stored transformed ({where.transform_descriptors})"
             with open(path.parent / where.relative_path, "rb") as handle:
                 handle.seek(where.offset)
-                item = io.BytesIO(handle.read(where.length))
-            try:
-                with torch.serialization.safe_globals(_allowed_classes()):
-                    torch.load(item, map_location="cpu", weights_only=True)
-            except Exception as err:  # noqa: BLE001
-                raise ValueError(f"item {index.fqn} in {where.relative_path}: {str(err).strip()[:160]}") from None
+                refused = _unpickling_refusal(io.BytesIO(handle.read(where.length)))
+            if refused:
+                return f"item {index.fqn} in {where.relative_path}: {refused}"
     except Exception as err:  # noqa: BLE001 - any failure means "do not hand this file to an unpickler"
-        return f"refused by the safe unpickler ({str(err).strip()[:240] or type(err).__name__})"
+        return str(err).strip()[:240] or type(err).__name__
     return None
 
 
@@ -212,10 +209,10 @@ def _check_file(folder: Path, name: str, entry: Any) -> str | None:
         return f"{path}: unreadable ({err.strerror})"
     refused = None
     if path.suffix == ".pt":
-        refused = _unpickles_safely(path)
+        refused = _unpickling_refusal(path)
     elif path.name == ".metadata":
-        refused = _metadata_unpickles_safely(path)
-    return f"{path}: {refused}" if refused else None
+        refused = _metadata_refusal(path)
+    return f"{path}: refused by the safe unpickler ({refused})" if refused else None
 
 
 def find_damage(folder: str | Path) -> list[str]:
